@@ -71,6 +71,10 @@ class HostMemory:
         self._starts: list[int] = []
         self._maps: dict[int, mmap.mmap] = {}
         self._next = _HVA_BASE
+        #: Host page numbers (hva >> 12) that have been written: a read fault may
+        #: map such a page writable (``hva_to_pfn`` finds a writable host PTE),
+        #: while an untouched page is mapped read-only (the zero page).
+        self.populated: set[int] = set()
 
     def mmap(self, size: int) -> int:
         """Map ``size`` bytes (rounded up to pages) of zeroed memory; return its hva."""
@@ -91,6 +95,9 @@ class HostMemory:
         if m is None:
             raise KvmError("EINVAL", f"no mapping starts at hva {hva:#x}")
         self._starts.remove(hva)
+        first = hva >> PAGE_SHIFT
+        last = first + (len(m) >> PAGE_SHIFT)
+        self.populated = {p for p in self.populated if not first <= p < last}
         m.close()
 
     def lookup(self, hva: int, size: int) -> tuple[mmap.mmap, int] | None:
@@ -162,6 +169,10 @@ class MemSlot:
     def logging(self) -> bool:
         """``kvm_slot_dirty_track_enabled``: the slot has ``KVM_MEM_LOG_DIRTY_PAGES``."""
         return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    def hva_page(self, gfn: int) -> int:
+        """Host page number (hva >> 12) backing ``gfn`` (``__gfn_to_hva_memslot``)."""
+        return (self.userspace_addr >> PAGE_SHIFT) + gfn - self.base_gfn
 
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
