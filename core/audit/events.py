@@ -1,0 +1,142 @@
+"""The audit event catalog: every event name, its level and its fields.
+
+Callers emit exactly these names (``log.emit(TRACK_ADD, gfn=..., count=..., by=...)``).
+Every line also carries the envelope ``schema seq vm event level ts prev``
+(see :mod:`pagetrack.audit`).  A field ending in ``?`` is optional.
+``docs/audit-log.md`` documents each event; the verifier checks that the fields
+listed here are present.
+
+=====================  =======  ==========================================================
+event                  level    fields
+=====================  =======  ==========================================================
+vm_create              info     tdp
+vm_destroy             info     –
+vm_bugged              error    reason (``KVM_BUG_ON``: the VM is marked dead)
+plugin_registered      info     plugin dist version external
+plugin_unregistered    info     plugin
+plugin_load_failed     warning  entry_point error
+plugin_error           error    plugin hook error
+plugin_quarantined     warning  plugin hook
+memslot                info     change slot base_gfn npages flags old_base_gfn? (move only)
+track_add              info     gfn count by   (count: value after; by: external|mmu)
+track_remove           info     gfn count by
+track_warn             warning  gfn op count   (``update_gfn_write_track`` WARN; unchanged)
+write_protect          debug    gfn sptes flush
+tlb_flush              debug    scope reason   (scope: vm|gfn|slot)
+page_fault             debug    vcpu addr gfn error_code result
+emulate                debug    vcpu rip insn
+track_write            info     vcpu gpa len data plugins   (one per page piece)
+track_write_call       info     plugin gpa outcome   (ok|error; one per listed plugin)
+track_flush_slot       info     slot base_gfn npages   (``[<=6.5]`` notifier)
+track_remove_region    info     gfn nr_pages
+zap                    debug    gfn pg_level reason sptes   (``level`` is the envelope's)
+dirty                  debug    gfn slot
+harvest                info     round mode pages gfns
+log_end                info     events head   (trailer, written by ``AuditLog.close``)
+=====================  =======  ==========================================================
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "CATALOG",
+    "DIRTY",
+    "EMULATE",
+    "HARVEST",
+    "LEVELS",
+    "LOG_END",
+    "MEMSLOT",
+    "MEMSLOT_CHANGES",
+    "PAGE_FAULT",
+    "PF_RESULTS",
+    "PLUGIN_ERROR",
+    "PLUGIN_LOAD_FAILED",
+    "PLUGIN_QUARANTINED",
+    "PLUGIN_REGISTERED",
+    "PLUGIN_UNREGISTERED",
+    "TLB_FLUSH",
+    "TRACK_ADD",
+    "TRACK_FLUSH_SLOT",
+    "TRACK_REMOVE",
+    "TRACK_REMOVE_REGION",
+    "TRACK_WARN",
+    "TRACK_WRITE",
+    "TRACK_WRITE_CALL",
+    "VM_BUGGED",
+    "VM_CREATE",
+    "VM_DESTROY",
+    "WRITE_PROTECT",
+    "ZAP",
+    "ZAP_REASONS",
+]
+
+#: Log levels in increasing order of severity.
+LEVELS: Final = ("debug", "info", "warning", "error")
+
+VM_CREATE: Final = "vm_create"
+VM_DESTROY: Final = "vm_destroy"
+VM_BUGGED: Final = "vm_bugged"
+PLUGIN_REGISTERED: Final = "plugin_registered"
+PLUGIN_UNREGISTERED: Final = "plugin_unregistered"
+PLUGIN_LOAD_FAILED: Final = "plugin_load_failed"
+PLUGIN_ERROR: Final = "plugin_error"
+PLUGIN_QUARANTINED: Final = "plugin_quarantined"
+MEMSLOT: Final = "memslot"
+TRACK_ADD: Final = "track_add"
+TRACK_REMOVE: Final = "track_remove"
+TRACK_WARN: Final = "track_warn"
+WRITE_PROTECT: Final = "write_protect"
+TLB_FLUSH: Final = "tlb_flush"
+PAGE_FAULT: Final = "page_fault"
+EMULATE: Final = "emulate"
+TRACK_WRITE: Final = "track_write"
+TRACK_WRITE_CALL: Final = "track_write_call"
+TRACK_FLUSH_SLOT: Final = "track_flush_slot"
+TRACK_REMOVE_REGION: Final = "track_remove_region"
+ZAP: Final = "zap"
+DIRTY: Final = "dirty"
+HARVEST: Final = "harvest"
+LOG_END: Final = "log_end"
+
+MEMSLOT_CHANGES: Final = ("create", "delete", "move", "flags_only")
+PF_RESULTS: Final = ("fixed", "emulate", "fast", "spurious", "retry")
+ZAP_REASONS: Final = (
+    "misaligned",
+    "flooded",
+    "pte",
+    "zap_all_fast",
+    "unprotect",
+    "obsolete",
+    "rmap_recycle",
+    "sync",
+)
+
+#: event name -> (level, field names); a trailing ``?`` marks an optional field.
+CATALOG: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
+    VM_CREATE: ("info", ("tdp",)),
+    VM_DESTROY: ("info", ()),
+    VM_BUGGED: ("error", ("reason",)),
+    PLUGIN_REGISTERED: ("info", ("plugin", "dist", "version", "external")),
+    PLUGIN_UNREGISTERED: ("info", ("plugin",)),
+    PLUGIN_LOAD_FAILED: ("warning", ("entry_point", "error")),
+    PLUGIN_ERROR: ("error", ("plugin", "hook", "error")),
+    PLUGIN_QUARANTINED: ("warning", ("plugin", "hook")),
+    MEMSLOT: ("info", ("change", "slot", "base_gfn", "npages", "flags", "old_base_gfn?")),
+    TRACK_ADD: ("info", ("gfn", "count", "by")),
+    TRACK_REMOVE: ("info", ("gfn", "count", "by")),
+    TRACK_WARN: ("warning", ("gfn", "op", "count")),
+    WRITE_PROTECT: ("debug", ("gfn", "sptes", "flush")),
+    TLB_FLUSH: ("debug", ("scope", "reason")),
+    PAGE_FAULT: ("debug", ("vcpu", "addr", "gfn", "error_code", "result")),
+    EMULATE: ("debug", ("vcpu", "rip", "insn")),
+    TRACK_WRITE: ("info", ("vcpu", "gpa", "len", "data", "plugins")),
+    TRACK_WRITE_CALL: ("info", ("plugin", "gpa", "outcome")),
+    TRACK_FLUSH_SLOT: ("info", ("slot", "base_gfn", "npages")),
+    TRACK_REMOVE_REGION: ("info", ("gfn", "nr_pages")),
+    ZAP: ("debug", ("gfn", "pg_level", "reason", "sptes")),
+    DIRTY: ("debug", ("gfn", "slot")),
+    HARVEST: ("info", ("round", "mode", "pages", "gfns")),
+    LOG_END: ("info", ("events", "head")),
+}
