@@ -165,11 +165,10 @@ class _Replay:
         self.by_plugin: dict[str, Counter[str]] = {}
         self.counts: dict[int, int] = {}  # gfn -> write-track count (non-zero only)
         # track_write whose calls are still due: (line, seq, gpa, remaining plugins)
-        self.write: tuple[int, int, object, list[str]] | None = None
+        self.write: tuple[int, int | None, object, list[str]] | None = None
         self.notified: set[tuple[int, int]] = set()  # (gfn, npages) told since the last memslot
-        self.delete: tuple[int, int, int, int] | None = (
-            None  # (line, seq, base, npages) awaiting notice
-        )
+        # a delete that dropped counts, awaiting its notice: (line, seq, base, npages)
+        self.delete: tuple[int, int | None, int, int] | None = None
 
     # ---- reporting -----------------------------------------------------------
     def problem(self, line: int, seq: int | None, message: str, kind: str = "chain") -> None:
@@ -294,10 +293,8 @@ class _Replay:
         missing = [f for f in spec[1] if not f.endswith("?") and f not in ev]
         bad = [f for f in _INT_FIELDS.get(name, ()) if f in ev and type(ev[f]) is not int]
         if missing or bad:
-            what = (f"lacks {', '.join(missing)}" if missing else "") + (
-                f"{'; ' if missing else ''}{', '.join(bad)} not integer" if bad else ""
-            )
-            self.problem(lineno, seq, f"{name} {what}", "invariant")
+            faults = [f"lacks {f}" for f in missing] + [f"{f} is not an integer" for f in bad]
+            self.problem(lineno, seq, f"{name}: {'; '.join(faults)}", "invariant")
             return
         if name == TRACK_WRITE:
             self._write_done()
@@ -306,7 +303,7 @@ class _Replay:
                 self.problem(lineno, seq, "track_write plugins is not a list of names", "invariant")
                 return
             if plugins:
-                self.write = (lineno, seq if seq is not None else -1, ev["gpa"], list(plugins))
+                self.write = (lineno, seq, ev["gpa"], list(plugins))
         elif name == TRACK_WRITE_CALL:
             self._write_call(lineno, seq, ev)
         elif name in (TRACK_ADD, TRACK_REMOVE):
@@ -379,7 +376,7 @@ class _Replay:
             self.problem(lineno, seq, f"memslot change {change!r} is unknown", "invariant")
         elif change == "delete":
             if self._in_range(base, npages) and (base, npages) not in self.notified:
-                self.delete = (lineno, seq if seq is not None else -1, base, npages)
+                self.delete = (lineno, seq, base, npages)
             self._reset(base, npages)
         elif change == "move":
             old = ev.get("old_base_gfn")

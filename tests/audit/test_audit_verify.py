@@ -266,7 +266,7 @@ def test_missing_fields_are_found(tmp_path: Path) -> None:
     (msg,) = _replay(tmp_path, ("track_add", {"gfn": 0x400, "by": "mmu"}))
     assert "lacks count" in msg
     (msg,) = _replay(tmp_path, ("track_add", {"gfn": "0x400", "count": 1, "by": "mmu"}))
-    assert "gfn not integer" in msg
+    assert "gfn is not an integer" in msg
 
 
 def test_track_write_calls_in_order_pass(tmp_path: Path) -> None:
