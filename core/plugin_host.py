@@ -496,6 +496,7 @@ class HookBus:
         self.host = host
         self.audit: AuditSink = audit if audit is not None else host.audit
         self._monitors: tuple[Callable[[str, dict[str, Any]], None], ...] = ()
+        self._audit_lock = threading.RLock()
 
     def hooks_implemented(self, hookname: str) -> bool:
         """Whether any live plugin implements ``hookname``."""
@@ -547,7 +548,9 @@ class HookBus:
         """``kvm_page_track_write`` → ``__kvm_page_track_write``, then ``kvm_mmu_track_write`` (trylast).
 
         With the audit log enabled, emits ``track_write`` (the plugins in call
-        order) then one ``track_write_call`` per plugin with its outcome.
+        order) then one ``track_write_call`` per plugin with its outcome
+        (``ok``, ``error``, or ``skipped`` for a plugin unregistered or
+        quarantined by another thread after it was listed), at level info.
         """
         if self._monitors:
             self._monitor("track_write", (vm, vcpu, gpa, new))
@@ -575,32 +578,37 @@ class HookBus:
                 host._wake()
 
     def _track_write_audited(self, vm: Any, vcpu: Any, gpa: int, new: bytes) -> None:
+        # One audited dispatch at a time, so that each track_write event is followed by
+        # its own track_write_call events (what `pagetrack audit` replays).  The lock is
+        # taken before the read section: a thread waiting for it is not a reader, so an
+        # unregister from inside a hook never waits for it.
         audit = self.audit
         host = self.host
-        snap, tid = host._enter()
-        try:
-            live = [e for e in snap.table.get("track_write", ()) if e[2].live]
-            audit.emit(
-                "track_write",
-                "debug",
-                vcpu=getattr(vcpu, "index", None),
-                gpa=gpa,
-                len=len(new),
-                data=bytes(new),
-                plugins=[e[0] for e in live],
-            )
-            for name, call, switch in live:
-                if not switch.live:  # unregistered or quarantined meanwhile
-                    continue
-                try:
-                    call(vm, vcpu, gpa, new)
-                except Exception as exc:
-                    audit.emit("track_write_call", "debug", plugin=name, gpa=gpa, outcome="error")
-                    host._plugin_failed(name, "track_write", exc)
-                    continue
-                audit.emit("track_write_call", "debug", plugin=name, gpa=gpa, outcome="ok")
-        finally:
-            host._exit(snap, tid)
+        with self._audit_lock:
+            snap, tid = host._enter()
+            try:
+                live = [e for e in snap.table.get("track_write", ()) if e[2].live]
+                audit.emit(
+                    "track_write",
+                    vcpu=getattr(vcpu, "index", None),
+                    gpa=gpa,
+                    len=len(new),
+                    data=bytes(new),
+                    plugins=[e[0] for e in live],
+                )
+                for name, call, switch in live:
+                    if not switch.live:  # unregistered or quarantined since it was listed
+                        audit.emit("track_write_call", plugin=name, gpa=gpa, outcome="skipped")
+                        continue
+                    try:
+                        call(vm, vcpu, gpa, new)
+                    except Exception as exc:
+                        audit.emit("track_write_call", plugin=name, gpa=gpa, outcome="error")
+                        host._plugin_failed(name, "track_write", exc)
+                        continue
+                    audit.emit("track_write_call", plugin=name, gpa=gpa, outcome="ok")
+            finally:
+                host._exit(snap, tid)
 
     def track_flush_slot(self, vm: Any, slot: MemSlot) -> None:
         """``kvm_page_track_flush_slot``: a slot is about to be deleted or moved."""
