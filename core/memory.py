@@ -115,7 +115,10 @@ class HostMemory:
     def close(self) -> None:
         """Unmap everything."""
         for m in self._maps.values():
-            m.close()
+            try:
+                m.close()
+            except BufferError:  # a view is still alive somewhere; the GC unmaps it
+                pass
         self._maps.clear()
         self._starts.clear()
 

@@ -182,7 +182,7 @@ class Mmu:
         if self.tdp_enabled:
             flush |= self.tdp.write_protect_gfn(gfn)
         if flush and self.vm.audit.debug:
-            self.vm.audit.emit("write_protect", "debug", gfn=gfn, flush=flush)
+            self.vm.audit.emit("write_protect", "debug", gfn=gfn, sptes=-1, flush=flush)
         return flush
 
     # ---- hardware translation -----------------------------------------------------
@@ -642,5 +642,5 @@ class Mmu:
         n = self.shadow.zap_all_fast()
         leaves = self.tdp.clear()
         if self.vm.audit.debug:
-            self.vm.audit.emit("zap", "debug", gfn=0, level=0, reason="zap_all_fast", sptes=n + leaves)
+            self.vm.audit.emit("zap", "debug", gfn=0, pg_level=0, reason="zap_all_fast", sptes=n + leaves)
         self.vm.flush_remote_tlbs("zap_all_fast")

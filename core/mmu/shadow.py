@@ -479,4 +479,4 @@ class ShadowMmu:
 
     def _zap_event(self, gfn: int, level: int, reason: str, sptes: int) -> None:
         if self.audit.debug:
-            self.audit.emit("zap", "debug", gfn=gfn, level=level, reason=reason, sptes=sptes)
+            self.audit.emit("zap", "debug", gfn=gfn, pg_level=level, reason=reason, sptes=sptes)

@@ -1,0 +1,186 @@
+"""Run a guest program of the ABI on a simulated VM and report what KVM would have logged.
+
+This is the VMM side (what QEMU does around ``KVM_RUN``): two dirty-logged
+memslots, page tables and code written into guest memory through the VMM's own
+mapping, one vCPU, and a loop that handles port I/O — ``ROUND_PORT`` ends a
+dirty-log round, other ports are recorded — until ``hlt``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from . import hookimpl
+from .emulator import PortOut
+from .errors import InputError
+from .memory import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
+from .program import (
+    CODE_BASE,
+    DATA_BASE,
+    LOW_SIZE,
+    ROUND_PORT,
+    STACK_TOP,
+    Program,
+    build_page_tables,
+)
+from .vm import VM
+
+__all__ = ["GfnRangeTracker", "parse_gfn_range", "run_program"]
+
+DEFAULT_MAX_INSTRUCTIONS = 200_000_000
+
+
+def parse_gfn_range(text: str) -> tuple[int, int]:
+    """Parse ``GFN`` or ``GFN-GFN`` (hex with 0x, or decimal), inclusive."""
+    first, sep, last = text.partition("-")
+    try:
+        lo = int(first.strip(), 0)
+        hi = int(last.strip(), 0) if sep else lo
+    except ValueError:
+        raise InputError(f"--track {text!r}: expected GFN or GFN-GFN (decimal or 0x hex)") from None
+    if lo < 0 or hi < lo:
+        raise InputError(f"--track {text!r}: empty or negative range")
+    return lo, hi
+
+
+class GfnRangeTracker:
+    """An external tracker for ``--track``: holds a count on each gfn of some ranges.
+
+    It registers like any external user (``kvm_page_track_register_notifier``),
+    adds its gfns with ``kvm_write_track_add_gfn``, counts the notifications
+    that hit them, and forgets gfns whose slot is removed.
+    """
+
+    def __init__(self, ranges: Iterable[tuple[int, int]]) -> None:
+        self.ranges = list(ranges)
+        self.gfns: set[int] = set()
+        self.writes = 0
+        self.bytes = 0
+
+    def attach(self, vm: VM) -> None:
+        vm.register_tracker(self, "track")
+        for lo, hi in self.ranges:
+            for gfn in range(lo, hi + 1):
+                vm.write_track_add_gfn(gfn)
+                self.gfns.add(gfn)
+
+    @hookimpl
+    def track_write(self, gpa: int, new: bytes) -> None:
+        if gpa >> PAGE_SHIFT in self.gfns:
+            self.writes += 1
+            self.bytes += len(new)
+
+    @hookimpl
+    def track_remove_region(self, gfn: int, nr_pages: int) -> None:
+        self.gfns.difference_update(range(gfn, gfn + nr_pages))
+
+
+def _poke(vm: VM, gpa: int, data: bytes) -> None:
+    """The VMM writing guest memory through its own mapping (no KVM involved)."""
+    slot = vm.memslots.gfn_to_memslot(gpa >> PAGE_SHIFT)
+    assert slot is not None
+    off = gpa - (slot.base_gfn << PAGE_SHIFT)
+    slot.mem[off : off + len(data)] = data
+    first = slot.hva_page(gpa >> PAGE_SHIFT)
+    vm.host.populated.update(range(first, first + ((gpa + len(data) - 1) >> PAGE_SHIFT) - (gpa >> PAGE_SHIFT) + 1))
+
+
+def run_program(
+    program: Program,
+    *,
+    tdp: bool = True,
+    track: Iterable[tuple[int, int]] = (),
+    audit: str | os.PathLike[str] | None = None,
+    audit_level: str = "info",
+    plugins: Iterable[object] = (),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    max_instructions: int = DEFAULT_MAX_INSTRUCTIONS,
+    vm_hook: Any = None,
+) -> dict[str, Any]:
+    """Run ``program`` and return the JSON contract of DESIGN.md.
+
+    Keys: ``rounds`` / ``low_rounds`` (sorted absolute gfns dirtied per round in
+    the data / low slot), ``exit`` (``"hlt"`` or an error), ``io`` (values sent
+    to ports other than ``ROUND_PORT``), ``regs``, and ``counters``.
+    ``vm_hook(vm, vcpu)``, if given, runs after set-up and before the guest.
+    """
+    track = list(track)
+    vm = VM(tdp=tdp, audit=audit, audit_level=audit_level, plugins=plugins, options=options)
+    try:
+        low = vm.add_memory(0, LOW_SIZE, flags=KVM_MEM_LOG_DIRTY_PAGES, slot=0)
+        data = vm.add_memory(DATA_BASE, program.data_size, flags=KVM_MEM_LOG_DIRTY_PAGES, slot=1)
+        layout = build_page_tables(program.data_size, lambda gpa, v: _poke(vm, gpa, v.to_bytes(8, "little")))
+        _poke(vm, CODE_BASE, program.code)
+        tracker = None
+        if track:
+            tracker = GfnRangeTracker(track)
+            tracker.attach(vm)
+        vcpu = vm.create_vcpu()
+        cpu = vcpu.cpu
+        cpu.rip = CODE_BASE
+        cpu.regs[4] = STACK_TOP
+        cpu.regs[7] = DATA_BASE
+        cpu.regs[6] = program.data_size
+        vcpu.set_cr3(layout.cr3)
+        if vm_hook is not None:
+            vm_hook(vm, vcpu)
+        io: list[int] = []
+        rounds_closed = 0
+        budget = max_instructions
+        exit_text = "hlt"
+        while True:
+            ex = vcpu.run(budget)
+            budget = max_instructions - vcpu.instructions
+            if ex.kind == "io":
+                port_exit = ex.exit
+                if isinstance(port_exit, PortOut):
+                    if port_exit.port == ROUND_PORT:
+                        vm.hooks.round_end(vm, vcpu, rounds_closed, False)
+                        rounds_closed += 1
+                        continue
+                    claimed = vm.hooks.guest_port_io(vm, vcpu, port_exit.port, port_exit.size, port_exit.value, True)
+                    if claimed is None:
+                        io.append(port_exit.value & ((1 << (8 * port_exit.size)) - 1))
+                else:
+                    value = vm.hooks.guest_port_io(vm, vcpu, port_exit.port, port_exit.size, 0, False)
+                    port_exit.complete(cpu, (1 << (8 * port_exit.size)) - 1 if value is None else value)
+                continue
+            if ex.kind == "hlt":
+                exit_text = "hlt"
+            elif ex.kind == "limit":
+                exit_text = f"instruction limit of {max_instructions} reached at rip {cpu.rip:#x}"
+            else:
+                exit_text = ex.message
+            vm.hooks.round_end(vm, vcpu, rounds_closed, True)
+            break
+        from pagetrack.plugins.dirty_log import logger_of
+
+        logger = logger_of(vm)
+        stats = vm.mmu.stats
+        result: dict[str, Any] = {
+            "rounds": logger.rounds_of(data.key),
+            "low_rounds": logger.rounds_of(low.key),
+            "exit": exit_text,
+            "io": io,
+            "regs": cpu.dump(),
+            "mode": logger.mode,
+            "paging": "tdp" if tdp else "shadow",
+            "counters": {
+                "instructions": vcpu.instructions,
+                "faults": stats.pf_taken,
+                "fast_path_fixes": stats.pf_fast,
+                "emulations": stats.insn_emulation,
+                "track_write_calls": stats.track_write_calls,
+                "tracked_writes": tracker.writes if tracker else 0,
+                "zaps": stats.mmu_shadow_zapped,
+                "tlb_flushes": stats.remote_tlb_flush,
+                **{f"kvm.{k}": v for k, v in stats.as_dict().items()},
+            },
+        }
+        if vm.audit.path is not None:
+            result["audit_log"] = str(vm.audit.path)
+        return result
+    finally:
+        vm.close()

@@ -1,0 +1,1 @@
+"""Built-in trackers, each declared in the ``pagetrack`` entry-point group."""
