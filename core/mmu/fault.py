@@ -143,6 +143,7 @@ class Mmu:
         self.shadow = ShadowMmu(vm.memslots, vm.write_track, vm.audit, self.stats, vm.flush_remote_tlbs)
         self.shadow.sync_page = self._sync_page
         self.tdp = TdpMap()
+        self._last_gfn: int | None = None
         vm.write_track.write_protect = self.write_protect_gfn
 
     # ---- helpers ------------------------------------------------------------------
@@ -450,7 +451,8 @@ class Mmu:
             stats.pf_spurious += 1
         audit = self.vm.audit
         if audit.debug:
-            audit.emit("page_fault", "debug", vcpu=vcpu.index, addr=addr, error_code=error_code, result=r)
+            gfn = addr >> PAGE_SHIFT if self.tdp_enabled else self._last_gfn
+            audit.emit("page_fault", "debug", vcpu=vcpu.index, addr=addr, gfn=gfn, error_code=error_code, result=r)
         return r
 
     def _direct_page_fault(self, vcpu: Any, gpa: int, error_code: int) -> str:
@@ -522,6 +524,7 @@ class Mmu:
             raise GuestPageFault(gva, w.fault)
         slot = self._slot(w.gfn)
         write = bool(error_code & PFERR_WRITE)
+        self._last_gfn = w.gfn
         if slot is None:
             raise MmioAccess(w.gpa, write)
         if self.page_fault_handle_page_track(error_code, slot, w.gfn):
