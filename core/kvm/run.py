@@ -287,13 +287,17 @@ def _decode_port_insn(code: bytes) -> tuple[str, int, int, int] | None:
 
 def run_program(program: Program, mode: str = "bitmap", initially_set: bool = False,
                 ring_size: int = 4096, max_exits: int = 1_000_000,
-                execution: str = NATIVE) -> dict[str, Any]:
-    """Run ``program`` once in the given execution mode (no probing)."""
+                execution: str = NATIVE, dirty_log: DirtyLog | None = None) -> dict[str, Any]:
+    """Run ``program`` once in the given execution mode (no probing).
+
+    ``dirty_log`` replaces the harvester built from ``mode`` (benchmarks use it to time
+    the ioctls); ``mode`` is then only reported.
+    """
     if execution not in EXECUTION_MODES:
         raise ValueError(f"execution must be one of {EXECUTION_MODES}, not {execution!r}")
     if initially_set and mode != "clear":
         raise ValueError("initially_set applies to mode='clear' only")
-    dirty = make_dirty_log(mode, initially_set, ring_size)
+    dirty = dirty_log or make_dirty_log(mode, initially_set, ring_size)
     m = Machine(program, dirty, user=execution == USER)
     try:
         r = _Run(m, max_exits)
