@@ -287,6 +287,9 @@ class PluginHost:
     def register(self, plugin: object, name: str | None = None) -> str:
         """``kvm_page_track_register_notifier``: add ``plugin``, return its name.
 
+        ``name`` defaults to the module's or class's ``__name__``, or for an
+        instance its class name (``Tracker``, ``Tracker#2`` ...).
+
         The plugin is called before every plugin registered earlier (LIFO),
         except that ``tryfirst``/``trylast`` impls keep their bucket.  Raises
         :class:`InputError` (and registers nothing) for a name already in
@@ -303,7 +306,9 @@ class PluginHost:
         origin: tuple[str | None, str | None, str | None] | None,
     ) -> str:
         with self._write_lock:
-            label = name or _describe(plugin)
+            if name is None:
+                name = self._default_name(plugin)
+            label = name
             try:
                 canonical = self.pm.register(plugin, name)
             except pluggy.PluginValidationError as exc:
@@ -335,6 +340,18 @@ class PluginHost:
             external=info.external,
         )
         return canonical
+
+    def _default_name(self, plugin: object) -> str:
+        """pluggy's name for modules and classes (``__name__``); the class name for an
+        instance (pluggy would use ``str(id(obj))``), made unique with ``#2``, ``#3`` ..."""
+        base = getattr(plugin, "__name__", None)
+        if not isinstance(base, str):
+            base = type(plugin).__name__
+        name, n = base, 1
+        while self.pm.has_plugin(name) or self.pm.is_blocked(name):
+            n += 1
+            name = f"{base}#{n}"
+        return name
 
     def _validate(self, name: str, plugin: object) -> None:
         for caller in self.pm.get_hookcallers(plugin) or []:
