@@ -34,7 +34,15 @@ from ..program import (
 )
 from . import ioctls as k
 from .dirty import DirtyLog, Slot, make_dirty_log
-from .guest import MON_CODE, MON_END, MON_PORT, setup_low_memory, setup_sregs
+from .guest import (
+    GDT_BASE,
+    MON_CODE,
+    MON_END,
+    MON_PORT,
+    MON_STACK_TOP,
+    setup_low_memory,
+    setup_sregs,
+)
 from .stats import StatsReader
 from .vm import GuestMemory, Kvm, KvmUnavailable, Vcpu, Vm
 
@@ -45,6 +53,7 @@ USER = "user-mode monitor"
 EXECUTION_MODES = (NATIVE, USER)
 LOW_SLOT, DATA_SLOT = 0, 1
 _RFLAGS_RF = 1 << 16
+MON_FIRST_GFN = GDT_BASE >> 12  # low-slot pages of the monitor: GDT, TSS, IDT, stubs, stack
 _EXC_NAMES = {0: "#DE", 1: "#DB", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM", 8: "#DF",
               10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF", 17: "#AC",
               18: "#MC", 19: "#XM", 20: "#VE", 21: "#CP"}
@@ -317,6 +326,7 @@ def run_program(program: Program, mode: str = "bitmap", initially_set: bool = Fa
         "regs": regs,
         "stats": stats,
         "execution": execution,
+        "monitor_gfns": list(range(MON_FIRST_GFN, MON_STACK_TOP >> 12)),
         "mode": mode,
         "initially_set": initially_set,
         "vmm_exits": r.exits,

@@ -68,12 +68,12 @@ class Kvm:
 
 
 class GuestMemory:
-    """Anonymous shared mapping that backs one memslot."""
+    """Private anonymous mapping (MAP_NORESERVE, populated lazily) that backs one memslot."""
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.map = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+        self.map = mmap.mmap(-1, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._anchor = ctypes.c_char.from_buffer(self.map)
         self.hva = ctypes.addressof(self._anchor)
 
