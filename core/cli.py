@@ -7,44 +7,12 @@ in one line on stderr, never as a traceback.
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any, NoReturn, TypeVar
-
 import click
 
-from .errors import InputError, KvmError
+from . import cli_audit, cli_plugins, cli_run
+from .cli_common import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, fail, guarded
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "fail", "guarded", "main"]
-
-EXIT_OK = 0
-EXIT_FINDING = 1
-EXIT_BAD_INPUT = 2
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
-    """Print one line to stderr and exit with ``code``."""
-    click.echo(f"pagetrack: {message}", err=True)
-    sys.exit(code)
-
-
-def guarded(fn: F) -> F:
-    """Turn :class:`InputError`, :class:`KvmError` and ``OSError`` into one line + exit 2."""
-
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except (InputError, KvmError) as exc:
-            fail(str(exc))
-        except OSError as exc:
-            where = f"{exc.filename}: " if exc.filename else ""
-            fail(f"{where}{exc.strerror or exc}")
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -52,9 +20,6 @@ def guarded(fn: F) -> F:
 def main() -> None:
     """pagetrack: KVM's x86 write tracking, simulated, with trackers as plugins."""
 
-
-# Commands live in their own modules and register here.
-from . import cli_audit, cli_plugins, cli_run  # noqa: E402
 
 main.add_command(cli_run.run)
 main.add_command(cli_plugins.plugins)

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .audit.verify import AuditReport, verify
+from .cli_common import EXIT_FINDING, guarded
 
 __all__ = ["audit"]
 
@@ -28,12 +29,7 @@ def _command(log: Path, as_json: bool) -> None:
     _audit(log, as_json)
 
 
-# Annotated so that mypy knows the type inside the cli <-> cli_audit import cycle.
 audit: click.Command = _command
-
-# Imported after ``audit`` exists: ``pagetrack.cli`` imports this module and
-# registers ``audit``, whichever of the two modules is imported first.
-from .cli import EXIT_FINDING, guarded  # noqa: E402
 
 
 @guarded

@@ -11,7 +11,7 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from .cli import fail, guarded
+from .cli_common import fail, guarded
 from .errors import InputError
 from .program import DEFAULT_DATA_SIZE, load_program, parse_defines
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import mmap as _mmap
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -100,7 +101,7 @@ class HostMemory:
         self.populated = {p for p in self.populated if not first <= p < last}
         m.close()
 
-    def lookup(self, hva: int, size: int) -> tuple[mmap.mmap, int] | None:
+    def lookup(self, hva: int, size: int) -> tuple[_mmap.mmap, int] | None:
         """The mapping holding ``[hva, hva + size)`` and the offset in it, or ``None``."""
         i = bisect.bisect_right(self._starts, hva) - 1
         if i < 0:

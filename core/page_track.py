@@ -17,15 +17,12 @@ is given (``write_protect`` and ``flush``), so it never imports the MMU.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from .errors import KvmError
 from .memory import PAGE_SHIFT, MemSlot, MemSlots
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "KVM_NR_HUGE_LEVELS",
@@ -41,8 +38,13 @@ KVM_NR_HUGE_LEVELS = 2  # PG_LEVEL_2M, PG_LEVEL_1G
 
 
 class AuditSink(Protocol):
-    enabled: bool
-    debug: bool
+    """What the tracking layers need of an audit log (``pagetrack.audit.AuditLog``)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    @property
+    def debug(self) -> bool: ...
 
     def emit(self, event: str, level: str = "info", **fields: object) -> None: ...
 

@@ -368,7 +368,7 @@ class Vcpu:
             while executed != budget:
                 fn = get(cpu.rip, mem)
                 try:
-                    r = fn(cpu, mem)
+                    r: object = fn(cpu, mem)
                 except NeedEmulation as need:
                     r = self.emulate(need)
                 executed += 1

@@ -1,0 +1,47 @@
+"""Exit codes and error handling shared by every ``pagetrack`` command.
+
+Exit codes, the same for every command: 0 success; 1 a finding (a difference,
+a failed audit); 2 bad input or a missing prerequisite.  Bad input is reported
+in one line on stderr, never as a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from .errors import InputError, KvmError
+
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "fail", "guarded"]
+
+EXIT_OK = 0
+EXIT_FINDING = 1
+EXIT_BAD_INPUT = 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    """Print one line to stderr and exit with ``code``."""
+    click.echo(f"pagetrack: {message}", err=True)
+    sys.exit(code)
+
+
+def guarded(fn: F) -> F:
+    """Turn :class:`InputError`, :class:`KvmError` and ``OSError`` into one line + exit 2."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (InputError, KvmError) as exc:
+            fail(str(exc))
+        except OSError as exc:
+            where = f"{exc.filename}: " if exc.filename else ""
+            fail(f"{where}{exc.strerror or exc}")
+
+    return wrapper  # type: ignore[return-value]
