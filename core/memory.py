@@ -13,6 +13,7 @@ once touched, so a VM with a terabyte of memslots is cheap to create.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import mmap
 import mmap as _mmap
 from enum import Enum
@@ -116,10 +117,9 @@ class HostMemory:
     def close(self) -> None:
         """Unmap everything."""
         for m in self._maps.values():
-            try:
+            # A view may still be alive somewhere; the GC unmaps it then.
+            with contextlib.suppress(BufferError):
                 m.close()
-            except BufferError:  # a view is still alive somewhere; the GC unmaps it
-                pass
         self._maps.clear()
         self._starts.clear()
 

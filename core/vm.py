@@ -279,7 +279,7 @@ class VM:
     def write_guest(self, gpa: int, data: bytes, vcpu: Any = None) -> None:
         """``kvm_write_guest``: write, then mark each page dirty; never notifies trackers."""
         pieces = list(self._pieces(gpa, len(data)))
-        for slot, off, done, n in pieces:
+        for slot, _off, done, _n in pieces:
             if slot.readonly:
                 raise KvmError("EFAULT", f"gpa {gpa + done:#x} is in a read-only memslot")
         for slot, off, done, n in pieces:

@@ -1,12 +1,12 @@
 """The x86 MMU model: guest walks, shadow pages, the TDP map and the fault paths."""
 
 from .fault import (
+    PAGE_TABLE_WRITING_MNEMONICS,
     RET_PF_EMULATE,
     RET_PF_FIXED,
     RET_PF_RETRY,
     RET_PF_SPURIOUS,
     RET_PF_WRITE_PROTECTED,
-    PAGE_TABLE_WRITING_MNEMONICS,
     GuestPageFault,
     HwFault,
     MmioAccess,

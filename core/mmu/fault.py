@@ -118,7 +118,9 @@ class MmuHost(Protocol):
     memslots: MemSlots
     host: HostMemory
     write_track: WriteTrack
-    audit: AuditSink
+
+    @property
+    def audit(self) -> AuditSink: ...
 
     def mark_page_dirty(self, vcpu: Any, slot: MemSlot, gfn: int) -> None: ...
 

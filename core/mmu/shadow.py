@@ -6,6 +6,7 @@ the fault paths that drive them are in :mod:`pagetrack.mmu.fault`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
@@ -380,10 +381,8 @@ class ShadowMmu:
 
     def drop_parent_pte(self, child: ShadowPage, parent: ShadowPage, idx: int) -> None:
         """``drop_parent_pte``: unlink ``child`` from ``parent.spt[idx]``."""
-        try:
+        with contextlib.suppress(ValueError):
             child.parent_ptes.remove((parent, idx))
-        except ValueError:
-            pass
         parent.spt[idx] = 0
         parent.children[idx] = None
 

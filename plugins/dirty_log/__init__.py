@@ -10,12 +10,11 @@ doing pre-copy migration does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-
 from pagetrack import hookimpl
 from pagetrack.errors import InputError, KvmError
 from pagetrack.memory import MemSlot
