@@ -177,3 +177,33 @@ def test_stats_and_first_round():
     assert r["rounds"] == [[DATA_GFN + 3]]
     s = r["stats"]
     assert s["exits"] >= 1 and "pages_4k" in s and "remote_tlb_flush" in s
+
+
+@requires_kvm
+def test_triple_fault_is_a_shutdown_exit():
+    """An empty IDT makes #UD → #DF → triple fault: KVM_EXIT_SHUTDOWN (CPL 0 only)."""
+    from pagetrack.kvm import run_program
+
+    src = "lidt [rip + idtr]\nud2\nidtr:\n.word 0\n.quad 0"
+    r = run_program(assemble(src), execution="native")
+    assert r["exit"].startswith("shutdown (triple fault)")
+    r = run_program(assemble(src), execution="user-mode monitor")
+    assert r["exit"] == "guest exception #GP error 0x0 at rip 0x100000 (cpl 3)"
+
+
+@requires_kvm
+def test_reads_of_populated_dirty_pte_pages_show_in_user_mode():
+    """Documented quirk behind the code page in round 1 of every user-mode run.
+
+    A CPL-3 read of a low page whose guest PTE has D set and whose host page the
+    VMM already wrote gets a writable SPTE, and KVM marks the page dirty when it
+    installs it.  Data pages (D clear) never do this, so ``rounds`` is unaffected.
+    """
+    from pagetrack.kvm import run_program
+    from pagetrack.kvm.guest import TSS_BASE
+
+    src = f"out ROUND_PORT, al\nmov rax, qword ptr [0x150000]\nmov rax, qword ptr [{TSS_BASE}]\nhlt"
+    r = run_program(assemble(src), execution="user-mode monitor")
+    assert r["exit"] == "hlt" and r["rounds"] == [[], []]
+    assert TSS_BASE >> 12 in r["low_rounds"][1]
+    assert 0x150 not in r["low_rounds"][1]
