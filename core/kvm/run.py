@@ -241,7 +241,12 @@ class _Run:
     def _on_monitor(self, regs: k.KvmRegs) -> None:
         """An exception reached the stubs; forward OUT/IN/HLT from CPL 3, else stop."""
         m = self.m
-        vector, err, rip, cs, rflags, rsp, _ss = struct.unpack("<7Q", m.read(regs.rsp, 56))
+        try:
+            frame = m.read(regs.rsp, 56)
+        except ValueError:
+            self.exit = f"guest exception with its frame outside memory (rsp {regs.rsp:#x})"
+            return
+        vector, err, rip, cs, rflags, rsp, _ss = struct.unpack("<7Q", frame)
         if vector == 13 and cs & 3 == 3 and err == 0:
             decoded = _decode_port_insn(m.read_upto(rip, 16))
             if decoded is not None:
