@@ -361,12 +361,15 @@ class Vcpu:
         """Execute until an exit the VMM must handle (``KVM_RUN``)."""
         cpu = self.cpu
         mem = self.native
-        get = self.cache.get
+        table = self.cache.table
+        decode = self._decode
         budget = -1 if max_instructions is None else max_instructions
         executed = 0
         try:
             while executed != budget:
-                fn = get(cpu.rip, mem)
+                fn = table.get(cpu.rip)
+                if fn is None:
+                    fn = decode(cpu.rip)
                 try:
                     r: object = fn(cpu, mem)
                 except NeedEmulation as need:
@@ -394,6 +397,17 @@ class Vcpu:
             return RunExit("error", message=f"{exc} at rip {cpu.rip:#x}")
         finally:
             self.instructions += executed
+
+    def _decode(self, rip: int) -> Any:
+        """Decode and cache the instruction at ``rip``; keep its pages out of the write TLB.
+
+        A store to a page holding cached code must take the slow path, which
+        drops the stale closures (self-modifying code).
+        """
+        fn = self.cache.get(rip, self.native)
+        self.wtlb.pop(rip >> 12, None)
+        self.wtlb.pop(((rip + 14) & _MASK64) >> 12, None)
+        return fn
 
     def _mov_to_cr(self, r: MovToCr) -> None:
         """``kvm_set_cr0`` / ``kvm_set_cr3`` / ``kvm_set_cr4``: reload the MMU context."""
