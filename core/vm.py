@@ -104,13 +104,20 @@ class VM:
 
         Raises ``KvmError(ESRCH)`` from a process other than the VM's owner (the
         kernel's ``kvm->mm != current->mm`` check).  An external tracker enables
-        write tracking for the VM for good (6.9+ on-demand allocation).
+        write tracking for the VM for good (6.9+ on-demand allocation); if that
+        allocation fails, the error propagates and the tracker is not left
+        registered (``kvm_enable_external_write_tracking`` runs before the node
+        is added).
         """
         if os.getpid() != self._owner_pid:
             raise KvmError("ESRCH", "only the process that created the VM may register trackers")
         with self.mmu_lock:
             registered = self.plugins.register(plugin, name)
-            self._sync_external()
+            try:
+                self._sync_external()
+            except BaseException:
+                self.plugins.unregister(registered)
+                raise
         return registered
 
     def unregister_tracker(self, name_or_plugin: str | object) -> str:
