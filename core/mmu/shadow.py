@@ -161,10 +161,12 @@ class ShadowMmu:
                     self.prepare_zap(sp, invalid_list, "sync")
                 continue
             if sp.unsync:
+                # Synced in place but *not* marked synchronized: its gfn is still
+                # writable, so only mmu_sync_children (which write-protects it
+                # first) may clear ``unsync``.
                 if not self.sync_page(sp):
                     self.prepare_zap(sp, invalid_list, "sync")
                     continue
-                self._clear_unsync(sp)
             sp.write_flooding_count = 0
             return sp
         self.stats.mmu_cache_miss += 1
