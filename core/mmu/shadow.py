@@ -160,13 +160,12 @@ class ShadowMmu:
                 if role.level > 1 and sp.unsync:
                     self.prepare_zap(sp, invalid_list, "sync")
                 continue
-            if sp.unsync:
-                # Synced in place but *not* marked synchronized: its gfn is still
-                # writable, so only mmu_sync_children (which write-protects it
-                # first) may clear ``unsync``.
-                if not self.sync_page(sp):
-                    self.prepare_zap(sp, invalid_list, "sync")
-                    continue
+            # An unsync match is synced in place but *not* marked synchronized: its
+            # gfn is still writable, so only mmu_sync_children (which write-protects
+            # it first) may clear ``unsync``.
+            if sp.unsync and not self.sync_page(sp):
+                self.prepare_zap(sp, invalid_list, "sync")
+                continue
             sp.write_flooding_count = 0
             return sp
         self.stats.mmu_cache_miss += 1
