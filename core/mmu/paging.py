@@ -146,7 +146,9 @@ def walk_addr(
             w.fault = error_code & ~PFERR_PRESENT
             return w
         access &= (pte & (_RW | _US)) | ~(_RW | _US)
-        leaf = level == 1 or (pte & _PS and (level < mode.root_level or mode is PagingMode.PAE) and (size == 8 or pse))
+        # PS is honoured at every level but the PML4 (where the bit is reserved),
+        # including a 32-bit page directory, the root of PT32 (4 MiB pages, CR4.PSE).
+        leaf = level == 1 or (pte & _PS and (level < mode.root_level or mode is not PagingMode.LONG) and (size == 8 or pse))
         if leaf:
             break
         table = pte & addr_mask
