@@ -149,6 +149,7 @@ class PluginHost:
         self._switches: dict[str, _Live] = {}
         self._errors: dict[str, str] = {}  # quarantined plugin -> error
         self._write_lock = threading.RLock()
+        self._quarantine_lock = threading.Lock()
         self._cond = threading.Condition(threading.Lock())  # writers wait here for readers
         self._retired: list[_Snapshot] = []
         self._snap = _Snapshot({}, False)
@@ -416,11 +417,12 @@ class PluginHost:
         self.audit.emit("plugin_error", "error", plugin=name, hook=hook, error=error)
         if self.strict:
             raise exc
-        switch = self._switches.get(name)
-        if switch is None or not switch.live:
-            return
-        switch.live = False
-        self._errors[name] = error
+        with self._quarantine_lock:  # two threads failing in one plugin quarantine it once
+            switch = self._switches.get(name)
+            if switch is None or not switch.live:
+                return
+            switch.live = False
+            self._errors[name] = error
         self.audit.emit("plugin_quarantined", "warning", plugin=name, hook=hook)
         # Drop it from the snapshot if no writer is busy; never block a reader on a writer
         # (an unregister in another thread may be waiting for this very reader).

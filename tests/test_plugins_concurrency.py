@@ -206,3 +206,35 @@ def test_quarantine_while_another_thread_unregisters() -> None:
     assert not vcpu.is_alive() and not unregisterer.is_alive()
     assert host.is_quarantined("bad")
     assert gate.calls == 0  # switched off before the vCPU thread reached it
+
+
+def test_concurrent_failures_quarantine_once() -> None:
+    """Threads failing in the same plugin at once: one plugin_quarantined event."""
+    events: list[str] = []
+
+    class Audit:
+        enabled = False
+
+        def emit(self, event: str, level: str = "info", **fields: object) -> None:
+            events.append(event)
+
+    host = PluginHost(audit=Audit())
+    bus = HookBus(host)
+    barrier = threading.Barrier(4)
+
+    class Bad:
+        @hookimpl
+        def track_write(self) -> None:
+            barrier.wait(5)
+            raise RuntimeError("all at once")
+
+    host.register(Bad(), "bad")
+    threads = [
+        threading.Thread(target=bus.track_write, args=(None, None, 0, b"x")) for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert events.count("plugin_error") == 4
+    assert events.count("plugin_quarantined") == 1
