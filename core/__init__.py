@@ -7,6 +7,8 @@ The public API: :class:`VM` (memslots, the page-track API, vCPUs, plugins),
 from .errors import InputError, KvmError
 from .hookspecs import hookimpl, hookspec
 from .memory import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, Change, HostMemory, MemSlot
+from .plugin_host import HookBus, PluginHost
+from .plugin_info import PluginInfo, discover_entry_points
 from .vm import VM
 
 __all__ = [
@@ -14,10 +16,14 @@ __all__ = [
     "KVM_MEM_READONLY",
     "VM",
     "Change",
+    "HookBus",
     "HostMemory",
     "InputError",
     "KvmError",
     "MemSlot",
+    "PluginHost",
+    "PluginInfo",
+    "discover_entry_points",
     "hookimpl",
     "hookspec",
 ]

@@ -186,6 +186,7 @@ def assemble(source: str, name: str = "<program>", defines: Mapping[str, int] | 
             symbols.pop(m.group(1))
     for k, v in defines.items():
         symbols[k] = v
+    _check_statements(lines, name)
     prologue = [f".equ {k}, {v}" for k, v in symbols.items()]
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
     text = "\n".join([*prologue, *lines]) + "\n"
@@ -198,6 +199,24 @@ def assemble(source: str, name: str = "<program>", defines: Mapping[str, int] | 
     if CODE_BASE + len(encoding) > STACK_TOP - 0x10000:
         raise InputError(f"program is {len(encoding)} bytes; it must end below {STACK_TOP - 0x10000:#x}", name)
     return Program(bytes(encoding), name, data_size, source)
+
+
+_STATEMENT_START = re.compile(r"[A-Za-z_.]")
+
+
+def _check_statements(lines: list[str], name: str) -> None:
+    """Reject statements keystone cannot parse before it sees them.
+
+    Keystone hangs on some malformed input (a statement starting with ``(``),
+    so every statement — lines split at ``;``, comments after ``#`` removed —
+    must start with a mnemonic, a label or a directive.
+    """
+    for i, line in enumerate(lines):
+        for stmt in line.split("#", 1)[0].split(";"):
+            stmt = stmt.strip()
+            if stmt and not _STATEMENT_START.match(stmt):
+                raise InputError(f"line {i + 1}: {stmt!r} is not an instruction, label or directive "
+                                 "(comments start with '#')", name)
 
 
 def _find_bad_line(ks: object, prologue: list[str], lines: list[str]) -> str:

@@ -26,7 +26,7 @@ tlb_flush              debug    scope reason   (scope: vm|gfn|slot)
 page_fault             debug    vcpu addr gfn error_code result
 emulate                debug    vcpu rip insn
 track_write            info     vcpu gpa len data plugins   (one per page piece)
-track_write_call       info     plugin gpa outcome   (ok|error; one per listed plugin)
+track_write_call       info     plugin gpa outcome   (ok|error|skipped; one per listed plugin)
 track_flush_slot       info     slot base_gfn npages   (``[<=6.5]`` notifier)
 track_remove_region    info     gfn nr_pages
 zap                    debug    gfn pg_level reason sptes   (``level`` is the envelope's)

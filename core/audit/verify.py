@@ -412,9 +412,9 @@ class _Replay:
     def _write_call(self, lineno: int, seq: int | None, ev: dict[str, Any]) -> None:
         plugin, outcome = ev["plugin"], ev["outcome"]
         self.by_plugin.setdefault(str(plugin), Counter())[str(outcome)] += 1
-        if outcome not in ("ok", "error"):
+        if outcome not in ("ok", "error", "skipped"):
             self.problem(
-                lineno, seq, f"track_write_call outcome {outcome!r} is not ok or error", "invariant"
+                lineno, seq, f"track_write_call outcome {outcome!r} is not ok, error or skipped", "invariant"
             )
         if self.write is None:
             self.problem(
