@@ -106,13 +106,17 @@ class CpuState:
         return new
 
     def __eq__(self, other: object) -> bool:
+        """Architectural equality: registers, RIP, RFLAGS, control registers, bases."""
         if not isinstance(other, CpuState):
             return NotImplemented
-        return all(getattr(self, s) == getattr(other, s) for s in CpuState.__slots__
-                   if s != "lf") and self.get_rflags() == other.get_rflags()
+        return all(getattr(self, s) == getattr(other, s) for s in _ARCH_SLOTS) \
+            and self.get_rflags() == other.get_rflags()
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         regs = " ".join(f"{k}={v:#x}" for k, v in self.dump().items())
         return f"CpuState({regs})"
+
+
+_ARCH_SLOTS = tuple(s for s in CpuState.__slots__ if s not in ("lf", "icount"))

@@ -111,6 +111,7 @@ class UnicornRunner:
         uc.reg_write(ux.UC_X86_REG_EFLAGS, rflags)
         uc.reg_write(ux.UC_X86_REG_FS_BASE, fs_base)
         self.intno = None
+        uc.ctl_remove_cache(REGION, REGION + 0x1000)  # stale blocks keep an old stop address
         uc.emu_start(CODE, CODE + len(code), count=0 if whole else 1)
         if self.intno is not None:
             # Unicorn keeps the pending exception (the next one becomes #DF): start over
@@ -126,5 +127,97 @@ def flag_names(value: int) -> str:
     return " ".join(n for bit, n in names.items() if value & bit) or "-"
 
 
-__all__ = ["ARITH_MASK", "CODE", "DATA", "DATA_SIZE", "DF", "M64", "PTR_BASE", "STACK",
-           "Outcome", "UnicornRunner", "asm", "flag_names", "run_interp"]
+
+
+
+class RecordingMemory(FlatMemory):
+    """FlatMemory that logs every access and can fault on chosen pages.
+
+    ``log`` holds ``(op, addr, size)`` for op in read/write/cmpxchg/fetch;
+    ``no_write`` / ``no_read`` are sets of 4 KiB page numbers that raise #PF.
+    """
+
+    __slots__ = ("log", "no_read", "no_write")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple[str, int, int]] = []
+        self.no_write: set[int] = set()
+        self.no_read: set[int] = set()
+
+    def _check(self, addr: int, size: int, pages: set[int], code: int) -> None:
+        for page in {addr >> 12, ((addr + size - 1) & M64) >> 12}:
+            if page in pages:
+                raise GuestFault(14, code, max(addr, page << 12))
+
+    def read(self, addr: int, size: int) -> int:
+        self._check(addr, size, self.no_read, 0)
+        self.log.append(("read", addr, size))
+        return super().read(addr, size)
+
+    def write(self, addr: int, size: int, value: int) -> None:
+        self._check(addr, size, self.no_write, 2)
+        self.log.append(("write", addr, size))
+        super().write(addr, size, value)
+
+    def cmpxchg(self, addr: int, size: int, expected: int, new: int) -> tuple[bool, int]:
+        self._check(addr, size, self.no_write, 2)
+        self.log.append(("cmpxchg", addr, size))
+        old = FlatMemory.read(self, addr, size)
+        if old != expected:
+            return False, old
+        FlatMemory.write(self, addr, size, new)
+        return True, old
+
+    def data_ops(self) -> list[tuple[str, int, int]]:
+        """The log without instruction fetches."""
+        return [e for e in self.log if e[0] != "fetch"]
+
+
+class Machine:
+    """A tiny test VM: code at ``base``, RSP at ``stack``, FlatMemory or a subclass."""
+
+    def __init__(self, src: str | bytes, base: int = 0x100000, stack: int = 0x200000,
+                 mem: FlatMemory | None = None) -> None:
+        self.code = src if isinstance(src, bytes) else asm(src, base)
+        self.mem = mem if mem is not None else FlatMemory()
+        self.mem.load(base, self.code)
+        self.cpu = CpuState(base)
+        self.cpu.regs[4] = stack
+        self.cache = InstructionCache()
+        self.base = base
+
+    def step(self) -> Exit | None:
+        return step(self.cpu, self.mem, self.cache)
+
+    def run(self, limit: int = 100_000) -> Exit | None:
+        from pagetrack.emulator import run
+
+        return run(self.cpu, self.mem, self.cache, limit)
+
+    def reg(self, name: str) -> int:
+        return self.cpu.reg_by_name(name)
+
+    def set(self, **regs: int) -> Machine:
+        for name, value in regs.items():
+            self.cpu.set_reg_by_name(name, value)
+        return self
+
+
+__all__ = [
+    "ARITH_MASK",
+    "CODE",
+    "DATA",
+    "DATA_SIZE",
+    "DF",
+    "M64",
+    "PTR_BASE",
+    "STACK",
+    "Machine",
+    "Outcome",
+    "RecordingMemory",
+    "UnicornRunner",
+    "asm",
+    "flag_names",
+    "run_interp",
+]
