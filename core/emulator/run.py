@@ -32,16 +32,17 @@ def run(cpu: CpuState, mem: Memory, cache: InstructionCache,
     """
     get = cache.table.get
     miss = cache.get
-    left = max_instructions
+    retired = 0
     try:
-        while left > 0:
+        for retired in range(max_instructions):
             fn = get(cpu.rip)
             if fn is None:
                 fn = miss(cpu.rip, mem)
             result = fn(cpu, mem)
-            left -= 1
             if result is not None:
+                retired += 1
                 return result
+        retired = max_instructions
         return None
     finally:
-        cpu.icount += max_instructions - left
+        cpu.icount += retired

@@ -174,3 +174,16 @@ def test_divide_error_is_precise() -> None:
         m.step()
     assert info.value.vector == 0
     assert m.cpu == before
+
+
+def test_run_counts_only_retired_instructions() -> None:
+    mem = RecordingMemory()
+    m = Machine("nop\nnop\nmov qword ptr [rbx], rax\nhlt", mem=mem).set(rbx=DATA)
+    mem.no_write.add(DATA >> 12)
+    with pytest.raises(GuestFault):
+        m.run()
+    assert m.cpu.icount == 2 and m.cpu.rip == m.base + 2
+    mem.no_write.clear()
+    assert m.run(1) is None and m.cpu.icount == 3
+    assert m.run(0) is None and m.cpu.icount == 3
+    assert m.run() is not None and m.cpu.icount == 4
