@@ -10,7 +10,7 @@ change).
 
 from .cache import InstructionCache
 from .codegen import InsnFn
-from .compile import compile_instruction, format_instruction
+from .compile import compile_instruction, format_instruction, instruction_source
 from .errors import DE, GP, PF, UD, GuestFault, UnsupportedInstruction
 from .exits import HLT, Exit, Hlt, Invlpg, MovToCr, PortIn, PortOut
 from .memory import FlatMemory, Memory
@@ -41,6 +41,7 @@ __all__ = [
     "UnsupportedInstruction",
     "compile_instruction",
     "format_instruction",
+    "instruction_source",
     "run",
     "step",
 ]

@@ -126,14 +126,18 @@ class Builder:
         """``cpu.rip = <address of the next instruction>``."""
         self.emit(f"cpu.rip = {self.k(self.instr.next_ip)}")
 
-    def build(self) -> InsnFn:
-        """Compile (or reuse) the factory for this source and bind the constants."""
+    def source(self) -> str:
+        """The factory source: ``def _factory(k0, ...): def _insn(cpu, mem): ...``."""
         body = self.lines
         if any("regs" in line for line in body):
             body = ["        regs = cpu.regs", *body]
         params = ", ".join(f"k{i}" for i in range(len(self.params)))
-        src = (f"def _factory({params}):\n    def _insn(cpu, mem):\n"
-               + "\n".join(body) + "\n    return _insn\n")
+        return (f"def _factory({params}):\n    def _insn(cpu, mem):\n"
+                + "\n".join(body) + "\n    return _insn\n")
+
+    def build(self) -> InsnFn:
+        """Compile (or reuse) the factory for this source and bind the constants."""
+        src = self.source()
         factory = _FACTORIES.get(src)
         if factory is None:
             scope: dict[str, Any] = {}

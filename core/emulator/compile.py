@@ -14,7 +14,7 @@ from . import ops_alu, ops_control, ops_data, ops_string, ops_system
 from .codegen import Builder, InsnFn, NotHandled
 from .errors import UD, UnsupportedInstruction
 
-__all__ = ["compile_instruction", "format_instruction"]
+__all__ = ["compile_instruction", "format_instruction", "instruction_source"]
 
 _M = iced_x86.Mnemonic
 _HANDLERS = {**ops_alu.HANDLERS, **ops_data.HANDLERS, **ops_control.HANDLERS,
@@ -30,19 +30,13 @@ def format_instruction(instr: iced_x86.Instruction) -> str:
     return str(_FORMATTER.format(instr))
 
 
-def compile_instruction(instr: iced_x86.Instruction) -> InsnFn:
-    """Compile ``instr`` (decoded in 64-bit mode) into a closure ``fn(cpu, mem)``.
-
-    Raises :class:`UnsupportedInstruction` (naming the instruction and its RIP)
-    for anything the interpreter does not implement.  A LOCK prefix on a
-    non-lockable instruction or a register destination compiles to #UD.
-    """
+def _builder(instr: iced_x86.Instruction) -> Builder:
     b = Builder(instr)
     mnemonic = instr.mnemonic
     if instr.has_lock_prefix and (mnemonic not in _LOCKABLE
                                   or instr.op0_kind != iced_x86.OpKind.MEMORY):
         b.emit(f"raise GuestFault({UD})")
-        return b.build()
+        return b
     handler = _HANDLERS.get(mnemonic)
     try:
         if handler is None:
@@ -50,4 +44,24 @@ def compile_instruction(instr: iced_x86.Instruction) -> InsnFn:
         handler(b)
     except NotHandled:
         raise UnsupportedInstruction(format_instruction(instr), instr.ip) from None
-    return b.build()
+    return b
+
+
+def instruction_source(instr: iced_x86.Instruction) -> str:
+    """The Python source the closure of ``instr`` is built from, with its constants.
+
+    For debugging and teaching: shows exactly what runs for one instruction.
+    """
+    b = _builder(instr)
+    consts = "\n".join(f"# k{i} = {v!r}" for i, v in enumerate(b.params))
+    return f"# {format_instruction(instr)} @ {instr.ip:#x}\n{consts}\n{b.source()}"
+
+
+def compile_instruction(instr: iced_x86.Instruction) -> InsnFn:
+    """Compile ``instr`` (decoded in 64-bit mode) into a closure ``fn(cpu, mem)``.
+
+    Raises :class:`UnsupportedInstruction` (naming the instruction and its RIP)
+    for anything the interpreter does not implement.  A LOCK prefix on a
+    non-lockable instruction or a register destination compiles to #UD.
+    """
+    return _builder(instr).build()

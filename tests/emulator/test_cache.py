@@ -105,3 +105,14 @@ def test_other_unsupported_instructions(src: str) -> None:
     m = Machine(src)
     with pytest.raises(UnsupportedInstruction, match=r"at rip 0x100000$"):
         m.step()
+
+
+def test_instruction_source_shows_the_closure() -> None:
+    import iced_x86
+    from pagetrack.emulator import instruction_source
+
+    instr = iced_x86.Decoder(64, asm("add qword ptr [rbx + 8], rax", BASE), ip=BASE).decode()
+    text = instruction_source(instr)
+    assert text.startswith("# add [rbx+8],rax @ 0x100000")
+    assert "mem.read(ea, 8)" in text and "mem.write(ea, 8, r)" in text
+    assert text.index("mem.write") < text.index("cpu.lf =") < text.index("cpu.rip =")

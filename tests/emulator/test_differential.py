@@ -363,8 +363,7 @@ for size in SIZES:
     acc = REG[size][0]
     dreg = REG[size][1]
     src = {1: "bl", 2: "r10w", 4: "r10d", 8: "r10"}[size]
-    if size != 4:
-        add(f"cmpxchg {dreg}, {src}", setup=cmpxchg_hit(size, "reg"), examples=15)
+    add(f"cmpxchg {dreg}, {src}", setup=cmpxchg_hit(size, "reg"), examples=15)
     add(f"lock cmpxchg {PTR[size]} ptr [rbx + 0x10], {src}", setup=cmpxchg_hit(size, "mem"),
         examples=15)
     del acc

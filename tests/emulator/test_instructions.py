@@ -154,3 +154,16 @@ def test_lahf_sahf() -> None:
     m = _run("sahf\nlahf", rax=0xD5 << 8)
     assert (m.reg("rax") >> 8) & 0xFF == 0xD7
     assert m.cpu.get_rflags() & 0xD5 == 0xD5
+
+
+def test_cmpxchg_32_bit_register_form_follows_the_sdm() -> None:
+    """Success writes only DEST (zero-extended); failure writes EAX and DEST := DEST.
+
+    (Unicorn 2.1's QEMU also rewrites EAX on success, clearing RAX[63:32].)
+    """
+    hit = _run("cmpxchg edx, ecx", rax=0xFFFFFFFF00000005, rdx=0xAAAAAAAA00000005, rcx=0x77)
+    assert (hit.reg("rax"), hit.reg("rdx")) == (0xFFFFFFFF00000005, 0x77)
+    assert hit.cpu.get_rflags() & 0x40
+    miss = _run("cmpxchg edx, ecx", rax=0xFFFFFFFF00000005, rdx=0xAAAAAAAA00000006, rcx=0x77)
+    assert (miss.reg("rax"), miss.reg("rdx")) == (6, 6)
+    assert not miss.cpu.get_rflags() & 0x40
