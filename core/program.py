@@ -13,10 +13,13 @@ first write to a data page sets its D bit and so dirties the page-table page.
 
 from __future__ import annotations
 
+import ast
+import operator
 import re
 from collections.abc import Callable, Mapping
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -171,34 +174,92 @@ def assemble(source: str, name: str = "<program>", defines: Mapping[str, int] | 
     """Assemble x86-64 Intel-syntax source with keystone, ABI symbols predefined.
 
     ``defines`` replace the program's own ``.equ NAME, ...`` lines or add new ones.
+    Constants are resolved here and substituted as numbers before keystone sees
+    the text: keystone mis-assembles a memory operand that adds two symbols
+    (``[DATA_BASE + DATA_SIZE - 4]`` comes out as ``[DATA_SIZE - 4]``).
     """
     import keystone
 
-    symbols = _abi_symbols(data_size)
-    defines = dict(defines or {})
     lines = source.splitlines()
-    equ = re.compile(r"^\s*\.equ\s+([A-Za-z_][A-Za-z0-9_]*)\s*,")
-    for i, line in enumerate(lines):
-        m = equ.match(line)
-        if m and m.group(1) in defines:
-            lines[i] = f".equ {m.group(1)}, {defines.pop(m.group(1))}"
-        elif m and m.group(1) in symbols:
-            symbols.pop(m.group(1))
-    for k, v in defines.items():
-        symbols[k] = v
     _check_statements(lines, name)
-    prologue = [f".equ {k}, {v}" for k, v in symbols.items()]
+    symbols = _resolve_constants(lines, _abi_symbols(data_size), dict(defines or {}), name)
+    body = [_substitute(line, symbols) for line in lines if not _EQU.match(line)]
     ks = keystone.Ks(keystone.KS_ARCH_X86, keystone.KS_MODE_64)
-    text = "\n".join([*prologue, *lines]) + "\n"
+    text = "\n".join(body) + "\n"
     try:
         encoding, _ = ks.asm(text, CODE_BASE)
     except keystone.KsError as exc:
-        raise InputError(f"cannot assemble: {exc}{_find_bad_line(ks, prologue, lines)}", name) from None
+        raise InputError(f"cannot assemble: {exc}{_find_bad_line(ks, [], body)}", name) from None
     if not encoding:
         raise InputError("assembles to no instructions", name)
     if CODE_BASE + len(encoding) > STACK_TOP - 0x10000:
         raise InputError(f"program is {len(encoding)} bytes; it must end below {STACK_TOP - 0x10000:#x}", name)
     return Program(bytes(encoding), name, data_size, source)
+
+
+_EQU = re.compile(r"^\s*\.(?:equ|set)\s+([A-Za-z_][A-Za-z0-9_]*)\s*,\s*(.*?)\s*(?:#.*)?$")
+_NAME = re.compile(r"\b[A-Za-z_][A-Za-z0-9_]*\b")
+_BINOPS: dict[type, Any] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.LShift: operator.lshift,
+    ast.RShift: operator.rshift, ast.BitAnd: operator.and_, ast.BitOr: operator.or_,
+    ast.BitXor: operator.xor,
+}
+
+
+def _evaluate(expr: str, symbols: Mapping[str, int]) -> int:
+    """Evaluate an assembler constant expression (integers, symbols, + - * / % << >> & | ^ ~)."""
+    text = re.sub(r"(?<![/])/(?![/])", "//", expr)
+
+    def ev(node: ast.AST) -> int:
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id not in symbols:
+                raise KeyError(node.id)
+            return symbols[node.id]
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+            return int(_BINOPS[type(node.op)](ev(node.left), ev(node.right)))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd, ast.Invert)):
+            v = ev(node.operand)
+            return -v if isinstance(node.op, ast.USub) else ~v if isinstance(node.op, ast.Invert) else v
+        raise ValueError("not a constant expression")
+
+    return ev(ast.parse(text, mode="eval"))
+
+
+def _resolve_constants(lines: list[str], symbols: dict[str, int], defines: dict[str, int],
+                       name: str) -> dict[str, int]:
+    """Values of every ``.equ``: ``-D`` overrides win, forward references resolve."""
+    pending: list[tuple[int, str, str]] = []
+    for i, line in enumerate(lines):
+        m = _EQU.match(line)
+        if m and m.group(1) not in defines:
+            pending.append((i, m.group(1), m.group(2)))
+    symbols.update(defines)
+    while pending:
+        left = []
+        for i, sym, expr in pending:
+            try:
+                symbols[sym] = _evaluate(expr, symbols)
+            except KeyError:
+                left.append((i, sym, expr))
+            except (ValueError, SyntaxError, ZeroDivisionError):
+                raise InputError(f"line {i + 1}: .equ {sym}: {expr!r} is not a constant expression", name) from None
+        if len(left) == len(pending):
+            i, sym, expr = left[0]
+            raise InputError(f"line {i + 1}: .equ {sym}: {expr!r} uses an undefined symbol", name)
+        pending = left
+    return symbols
+
+
+def _substitute(line: str, symbols: Mapping[str, int]) -> str:
+    """Replace constant names by their values (comments left alone)."""
+    code, hash_, comment = line.partition("#")
+    code = _NAME.sub(lambda m: str(symbols[m.group(0)]) if m.group(0) in symbols else m.group(0), code)
+    return code + hash_ + comment
 
 
 _STATEMENT_START = re.compile(r"[A-Za-z_.]")
