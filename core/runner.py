@@ -10,24 +10,31 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import attrs
 
 from . import hookimpl
 from .emulator import PortOut
 from .errors import InputError
-from .memory import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT
+from .memory import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SHIFT, MemSlot
 from .program import (
     CODE_BASE,
     DATA_BASE,
+    DEFAULT_DATA_SIZE,
     LOW_SIZE,
     ROUND_PORT,
     STACK_TOP,
+    PageTableLayout,
     Program,
     build_page_tables,
 )
 from .vm import VM
 
-__all__ = ["GfnRangeTracker", "parse_gfn_range", "run_program"]
+if TYPE_CHECKING:
+    from .vcpu import Vcpu
+
+__all__ = ["GfnRangeTracker", "VmSetup", "parse_gfn_range", "run_program", "setup_vm"]
 
 DEFAULT_MAX_INSTRUCTIONS = 200_000_000
 
@@ -87,6 +94,63 @@ def _poke(vm: VM, gpa: int, data: bytes) -> None:
     vm.host.populated.update(range(first, first + ((gpa + len(data) - 1) >> PAGE_SHIFT) - (gpa >> PAGE_SHIFT) + 1))
 
 
+@attrs.define(eq=False)
+class VmSetup:
+    """What :func:`setup_vm` built: the VM, its vCPU, the two memslots, the guest page tables."""
+
+    vm: VM
+    vcpu: Vcpu
+    low: MemSlot
+    data: MemSlot
+    layout: PageTableLayout
+    tracker: GfnRangeTracker | None = None
+
+
+def setup_vm(
+    data_size: int = DEFAULT_DATA_SIZE,
+    code: bytes = b"",
+    *,
+    tdp: bool = True,
+    track: Iterable[tuple[int, int]] = (),
+    audit: str | os.PathLike[str] | None = None,
+    audit_level: str = "info",
+    plugins: Iterable[object] = (),
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> VmSetup:
+    """The VMM's set-up before the first ``KVM_RUN``, as the guest ABI wants it.
+
+    Two dirty-logged memslots (``KVM_SET_USER_MEMORY_REGION`` with
+    ``KVM_MEM_LOG_DIRTY_PAGES``: ``low`` and ``data`` of ``data_size`` bytes),
+    identity-mapping page tables and ``code`` written through the VMM's own
+    mapping, the ``--track`` tracker if any ranges are given, and one vCPU
+    (``KVM_CREATE_VCPU``) at the ABI's entry state.  The VM is closed if any
+    step fails.
+    """
+    track = list(track)
+    vm = VM(tdp=tdp, audit=audit, audit_level=audit_level, plugins=plugins, options=options)
+    try:
+        low = vm.add_memory(0, LOW_SIZE, flags=KVM_MEM_LOG_DIRTY_PAGES, slot=0)
+        data = vm.add_memory(DATA_BASE, data_size, flags=KVM_MEM_LOG_DIRTY_PAGES, slot=1)
+        layout = build_page_tables(data_size, lambda gpa, v: _poke(vm, gpa, v.to_bytes(8, "little")))
+        if code:
+            _poke(vm, CODE_BASE, code)
+        tracker = None
+        if track:
+            tracker = GfnRangeTracker(track)
+            tracker.attach(vm)
+        vcpu = vm.create_vcpu()
+        cpu = vcpu.cpu
+        cpu.rip = CODE_BASE
+        cpu.regs[4] = STACK_TOP
+        cpu.regs[7] = DATA_BASE
+        cpu.regs[6] = data_size
+        vcpu.set_cr3(layout.cr3)
+    except BaseException:
+        vm.close()
+        raise
+    return VmSetup(vm, vcpu, low, data, layout, tracker)
+
+
 def run_program(
     program: Program,
     *,
@@ -106,24 +170,11 @@ def run_program(
     to ports other than ``ROUND_PORT``), ``regs``, and ``counters``.
     ``vm_hook(vm, vcpu)``, if given, runs after set-up and before the guest.
     """
-    track = list(track)
-    vm = VM(tdp=tdp, audit=audit, audit_level=audit_level, plugins=plugins, options=options)
+    env = setup_vm(program.data_size, program.code, tdp=tdp, track=track, audit=audit,
+                   audit_level=audit_level, plugins=plugins, options=options)
+    vm, vcpu, low, data, tracker = env.vm, env.vcpu, env.low, env.data, env.tracker
+    cpu = vcpu.cpu
     try:
-        low = vm.add_memory(0, LOW_SIZE, flags=KVM_MEM_LOG_DIRTY_PAGES, slot=0)
-        data = vm.add_memory(DATA_BASE, program.data_size, flags=KVM_MEM_LOG_DIRTY_PAGES, slot=1)
-        layout = build_page_tables(program.data_size, lambda gpa, v: _poke(vm, gpa, v.to_bytes(8, "little")))
-        _poke(vm, CODE_BASE, program.code)
-        tracker = None
-        if track:
-            tracker = GfnRangeTracker(track)
-            tracker.attach(vm)
-        vcpu = vm.create_vcpu()
-        cpu = vcpu.cpu
-        cpu.rip = CODE_BASE
-        cpu.regs[4] = STACK_TOP
-        cpu.regs[7] = DATA_BASE
-        cpu.regs[6] = program.data_size
-        vcpu.set_cr3(layout.cr3)
         if vm_hook is not None:
             vm_hook(vm, vcpu)
         io: list[int] = []
