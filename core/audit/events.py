@@ -33,6 +33,20 @@ zap                    debug    gfn pg_level reason sptes   (``level`` is the en
 dirty                  debug    gfn slot
 harvest                info     round mode pages gfns
 log_end                info     events head   (trailer, written by ``AuditLog.close``)
+gvt_attach             info     vgpu plugin   (a vGPU opened: its notifier node registered)
+gvt_detach             info     vgpu action   (close|destroy)
+gvt_handler            info     vgpu gfn gpa len   (``kvmgt_page_track_write`` passed the ptable filter)
+gvt_shadow_update      info     vgpu gfn index old new action cause mfn mm?   (one shadow entry written)
+gvt_spt                info     vgpu gfn mfn type action   (alloc|track|free)
+gvt_mm                 info     vgpu mm action levels pdps   (create|shadow|invalidate|reclaim|release)
+gvt_submit             info     vgpu op levels pdps status   (a workload or a PV notification)
+gvt_invariant          info     vgpu mm pages mismatches   (shadow vs guest translation after a submit)
+gvt_oos                info     vgpu gfn action   (out_of_sync|sync|reassign)
+gvt_dma                debug    vgpu action gfn size dma ref   (the DMA cache)
+gvt_ggtt_update        info     vgpu index guest old new   (an emulated GGTT MMIO write)
+gvt_gpu_store          info     vgpu mm gma pfn gfn   (the GPU stored through the shadow)
+gvt_remove_region      info     vgpu gfn nr_pages dropped   (``kvmgt_page_track_remove_region``)
+gvt_error              error    vgpu message   (``gvt_vgpu_err``)
 =====================  =======  ==========================================================
 """
 
@@ -44,6 +58,7 @@ __all__ = [
     "CATALOG",
     "DIRTY",
     "EMULATE",
+    "GVT_EVENTS",
     "HARVEST",
     "LEVELS",
     "LOG_END",
@@ -99,6 +114,12 @@ ZAP: Final = "zap"
 DIRTY: Final = "dirty"
 HARVEST: Final = "harvest"
 LOG_END: Final = "log_end"
+#: Events of the gvt_shadow_gtt plugin (plugins/gvt_shadow_gtt).
+GVT_EVENTS: Final = (
+    "gvt_attach", "gvt_detach", "gvt_handler", "gvt_shadow_update", "gvt_spt", "gvt_mm",
+    "gvt_submit", "gvt_invariant", "gvt_oos", "gvt_dma", "gvt_ggtt_update", "gvt_gpu_store",
+    "gvt_remove_region", "gvt_error",
+)
 
 MEMSLOT_CHANGES: Final = ("create", "delete", "move", "flags_only")
 PF_RESULTS: Final = ("fixed", "emulate", "fast", "spurious", "retry")
@@ -139,4 +160,18 @@ CATALOG: Final[dict[str, tuple[str, tuple[str, ...]]]] = {
     DIRTY: ("debug", ("gfn", "slot")),
     HARVEST: ("info", ("round", "mode", "pages", "gfns")),
     LOG_END: ("info", ("events", "head")),
+    "gvt_attach": ("info", ("vgpu", "plugin")),
+    "gvt_detach": ("info", ("vgpu", "action")),
+    "gvt_handler": ("info", ("vgpu", "gfn", "gpa", "len")),
+    "gvt_shadow_update": ("info", ("vgpu", "gfn", "index", "old", "new", "action", "cause", "mfn", "mm?")),
+    "gvt_spt": ("info", ("vgpu", "gfn", "mfn", "type", "action")),
+    "gvt_mm": ("info", ("vgpu", "mm", "action", "levels", "pdps")),
+    "gvt_submit": ("info", ("vgpu", "op", "levels", "pdps", "status")),
+    "gvt_invariant": ("info", ("vgpu", "mm", "pages", "mismatches")),
+    "gvt_oos": ("info", ("vgpu", "gfn", "action")),
+    "gvt_dma": ("debug", ("vgpu", "action", "gfn", "size", "dma", "ref")),
+    "gvt_ggtt_update": ("info", ("vgpu", "index", "guest", "old", "new")),
+    "gvt_gpu_store": ("info", ("vgpu", "mm", "gma", "pfn", "gfn")),
+    "gvt_remove_region": ("info", ("vgpu", "gfn", "nr_pages", "dropped")),
+    "gvt_error": ("error", ("vgpu", "message")),
 }
