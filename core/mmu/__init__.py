@@ -14,6 +14,7 @@ from .fault import (
     Translation,
 )
 from .paging import GuestWalk, PagingMode, walk_addr
+from .pml import PML_ENTITY_NUM, PML_FULL, PML_HEAD_INDEX, PmlBuffer, PmlFull
 from .shadow import RMAP_RECYCLE_THRESHOLD, Role, ShadowMmu, ShadowPage
 from .spte import (
     SPTE_A,
@@ -32,6 +33,9 @@ from .tdp import TdpMap
 
 __all__ = [
     "PAGE_TABLE_WRITING_MNEMONICS",
+    "PML_ENTITY_NUM",
+    "PML_FULL",
+    "PML_HEAD_INDEX",
     "RET_PF_EMULATE",
     "RET_PF_FIXED",
     "RET_PF_RETRY",
@@ -52,6 +56,8 @@ __all__ = [
     "Mmu",
     "MmuStats",
     "PagingMode",
+    "PmlBuffer",
+    "PmlFull",
     "Role",
     "ShadowMmu",
     "ShadowPage",

@@ -31,6 +31,7 @@ from .paging import (
     PagingMode,
     walk_addr,
 )
+from .pml import PML_FULL, PmlFull
 from .shadow import Role, ShadowMmu, ShadowPage
 from .spte import (
     SPTE_A,
@@ -112,6 +113,10 @@ class _TdpFault(Exception):
         self.error_code = error_code
 
 
+class _PmlFullExit(Exception):
+    """A guest-table A/D update needed a PML log while the buffer was full."""
+
+
 class MmuHost(Protocol):
     """What the MMU needs from its VM."""
 
@@ -146,6 +151,11 @@ class Mmu:
         self.shadow.sync_page = self._sync_page
         self.tdp = TdpMap()
         self._last_gfn: int | None = None
+        #: ``kvm_x86_ops.cpu_dirty_log_size``: 512 when the CPU has PML (EPT only), else 0.
+        #: With it, re-arming a page for dirty logging clears the SPTE's D bit instead of W.
+        self.cpu_dirty_log_size = 0
+        #: module parameter ``kvm.eager_page_split`` (default Y; TDP MMU only).
+        self.eager_page_split = True
         vm.write_track.write_protect = self.write_protect_gfn
 
     # ---- helpers ------------------------------------------------------------------
@@ -189,13 +199,17 @@ class Mmu:
         return flush
 
     # ---- hardware translation -----------------------------------------------------
-    def hw_translate(self, vcpu: Any, gva: int, write: bool) -> Translation | HwFault:
-        """What the CPU does on a TLB miss; a fault here is an exit to KVM."""
+    def hw_translate(self, vcpu: Any, gva: int, write: bool) -> Translation | HwFault | PmlFull:
+        """What the CPU does on a TLB miss; a fault here is an exit to KVM.
+
+        Under TDP with PML, a write that would set a D bit while the vCPU's PML
+        buffer is full returns :data:`~pagetrack.mmu.pml.PML_FULL` (a PML-full exit).
+        """
         if self.tdp_enabled:
             return self._tdp_translate(vcpu, gva, write)
         return self._shadow_translate(vcpu, gva, write)
 
-    def _tdp_translate(self, vcpu: Any, gva: int, write: bool) -> Translation | HwFault:
+    def _tdp_translate(self, vcpu: Any, gva: int, write: bool) -> Translation | HwFault | PmlFull:
         tdp = self.tdp
 
         def read(gpa: int, size: int) -> int:
@@ -207,6 +221,8 @@ class Mmu:
             found = tdp.lookup(gpa >> PAGE_SHIFT)
             if found is None or not found[1] & SPTE_W:
                 raise _TdpFault(gpa, PFERR_GUEST_PAGE | PFERR_WRITE | (PFERR_PRESENT if found else 0))
+            if not found[1] & SPTE_D and not self._ept_set_dirty(vcpu, found[0], gpa >> PAGE_SHIFT, found[1]):
+                raise _PmlFullExit
             gfn = gpa >> PAGE_SHIFT
             slot = self._slot(gfn)
             assert slot is not None
@@ -220,18 +236,39 @@ class Mmu:
             w = walk_addr(vcpu.paging_mode, cpu.cr3, gva, ec, read, set_bits)
         except _TdpFault as f:
             return HwFault(f.gpa, f.error_code)
+        except _PmlFullExit:
+            return PML_FULL
         if w.fault is not None:
             raise GuestPageFault(gva, w.fault)
         found = tdp.lookup(w.gfn)
         if found is None:
             return HwFault(w.gpa, ec | PFERR_GUEST_FINAL)
-        spte = found[1]
+        level, spte = found
         if write and not spte & SPTE_W:
             return HwFault(w.gpa, PFERR_PRESENT | PFERR_WRITE | PFERR_GUEST_FINAL)
+        if write and not spte & SPTE_D:
+            if not self._ept_set_dirty(vcpu, level, w.gfn, spte):
+                return PML_FULL
+            spte |= SPTE_D
         slot = self._slot(w.gfn)
         assert slot is not None
-        writable = bool(spte & SPTE_W) and bool(w.access & ACC_WRITE) and w.dirty
+        # Only a D=1 leaf may be cached writable: a write through a D=0 leaf must
+        # come back here so that the CPU sets D (and logs it under PML).
+        writable = bool(spte & SPTE_W) and bool(spte & SPTE_D) and bool(w.access & ACC_WRITE) and w.dirty
         return Translation(slot, w.gfn, writable)
+
+    # ---- EPT A/D and PML (the CPU side of vmx PML) ----------------------------------------------
+    def _ept_set_dirty(self, vcpu: Any, level: int, gfn: int, spte: int) -> bool:
+        """The CPU sets the D bit of a writable EPT leaf on a write; with PML on it logs the gpa first.
+
+        Returns false, changing nothing, when the PML buffer is full: the access
+        becomes a PML-full VM-exit (``handle_pml_full``) and is retried after it.
+        """
+        pml = getattr(vcpu, "pml", None)
+        if pml is not None and vcpu.pml_enabled and not pml.log(gfn << PAGE_SHIFT):
+            return False
+        self.tdp.set(level, gfn, spte | SPTE_D)
+        return True
 
     def _shadow_translate(self, vcpu: Any, gva: int, write: bool) -> Translation | HwFault:
         ec = PFERR_WRITE if write else 0
@@ -615,32 +652,92 @@ class Mmu:
         return zapped
 
     # ---- dirty logging primitives -----------------------------------------------------------
-    def slot_wrprot_for_logging(self, slot: MemSlot) -> None:
-        """``kvm_mmu_slot_apply_flags`` (enable, no PML): clear W on every SPTE of the slot."""
+    def slot_wrprot_for_logging(self, slot: MemSlot, pml: bool = False) -> None:
+        """``kvm_mmu_slot_apply_flags`` (enable): arm dirty logging on every SPTE of the slot.
+
+        With ``kvm.eager_page_split`` under TDP, huge leaves are first split to 4K
+        (``kvm_mmu_slot_try_split_huge_pages``; children inherit W and D).  Without
+        PML every leaf loses W (``kvm_mmu_slot_remove_write_access`` from 4K up);
+        with PML the 4K leaves keep W and lose D (``kvm_mmu_slot_leaf_clear_dirty``)
+        and only leaves of 2M and up are write-protected.  Shadow-MMU SPTEs always
+        lose W (PML needs EPT).  The caller flushes TLBs.
+        """
+        if self.tdp_enabled and self.eager_page_split:
+            self.split_huge_pages(slot, slot.base_gfn, slot.end_gfn - 1)
         for level, frame in list(self.tdp.leaves_in(slot.base_gfn, slot.npages)):
-            self.tdp.wrprot_for_logging(level, frame)
+            if pml and level == 1:
+                self.tdp.clear_dirty(frame)
+            else:
+                self.tdp.wrprot_for_logging(level, frame)
         for (gfn, _level), entries in list(self.shadow.rmap.items()):
             if slot.base_gfn <= gfn < slot.end_gfn:
                 for sp, idx in entries:
                     sp.spt[idx] &= ~SPTE_W
 
-    def enable_log_dirty_pt_masked(self, slot: MemSlot, offset: int, mask: int) -> None:
-        """``kvm_arch_mmu_enable_log_dirty_pt_masked`` (no PML): clear W of the masked 4K SPTEs.
+    def enable_log_dirty_pt_masked(self, slot: MemSlot, offset: int, mask: int, *,
+                                   pml: bool = False, init_set: bool = False) -> None:
+        """``kvm_arch_mmu_enable_log_dirty_pt_masked``: re-arm logging for the masked 4K pages.
 
-        Huge SPTEs are skipped, as in the TDP MMU; they are not created while logging.
+        ``init_set`` is ``kvm_dirty_log_manual_protect_and_init_set``: logging began
+        without protection, so huge leaves covering the first and last masked gfn
+        are split (eager splitting) or write-protected at 2M+ first.  Then each
+        masked 4K TDP leaf loses D with PML (``kvm_mmu_clear_dirty_pt_masked``) or
+        W without (``kvm_mmu_write_protect_pt_masked``); huge and absent leaves are
+        skipped, as in the TDP MMU.  Shadow-MMU SPTEs lose W.  No TLB flush here.
         """
         base = slot.base_gfn + offset
+        if init_set and mask:
+            start = base + (mask & -mask).bit_length() - 1
+            end = base + mask.bit_length() - 1
+            if self.tdp_enabled and self.eager_page_split:
+                self.split_huge_pages(slot, start, end)
+            for gfn in {start, end}:
+                found = self.tdp.lookup(gfn)
+                if found is not None and found[0] > 1:
+                    self.tdp.wrprot_for_logging(found[0], gfn >> (9 * (found[0] - 1)))
         level1 = self.tdp.levels[1]
         rmap = self.shadow.rmap
+        bit_off = SPTE_D if pml else SPTE_W
         while mask:
             bit = (mask & -mask).bit_length() - 1
             mask &= mask - 1
             gfn = base + bit
             spte = level1.get(gfn)
-            if spte is not None and spte & SPTE_W:
-                level1[gfn] = spte & ~SPTE_W
+            if spte is not None and spte & bit_off:
+                level1[gfn] = spte & ~bit_off
             for sp, idx in rmap.get((gfn, 1), ()):
                 sp.spt[idx] &= ~SPTE_W
+
+    def split_huge_pages(self, slot: MemSlot, first: int, last: int) -> int:
+        """``kvm_mmu_try_split_huge_pages``: split every huge TDP leaf over ``[first, last]`` to 4K.
+
+        Returns the number of leaves split.  Children inherit W and D, so no TLB
+        flush is needed (``tdp_mmu_split_huge_page``).
+        """
+        split = 0
+        for level in (3, 2):
+            shift = 9 * (level - 1)
+            for frame in [f for f in self.tdp.levels[level] if f << shift <= last and first < (f + 1) << shift]:
+                self.tdp.split(level, frame << shift)
+                split += 1
+        return split
+
+    def recover_huge_pages(self, slot: MemSlot) -> int:
+        """``kvm_mmu_zap_collapsible_sptes`` (logging turned off): zap 4K leaves that could be huge.
+
+        The next access maps them at the largest level the slot and the host
+        allow again.  Returns the number of leaves zapped; the caller flushes.
+        """
+        if not self.tdp_enabled or not self.host_huge_pages:
+            return 0
+        level1 = self.tdp.levels[1]
+        max_level = self.vm.write_track.max_mapping_level
+        doomed = [g for g in range(slot.base_gfn, slot.end_gfn) if g in level1 and max_level(slot, g) > 1]
+        for g in doomed:
+            del level1[g]
+        if doomed and self.vm.audit.debug:
+            self.vm.audit.emit("zap", "debug", gfn=slot.base_gfn, pg_level=1, reason="collapsible", sptes=len(doomed))
+        return len(doomed)
 
     def zap_all_fast(self) -> None:
         """``kvm_mmu_zap_all_fast``: obsolete every shadow page, invalidate TDP roots."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from .spte import (
+    SPTE_D,
     SPTE_MMU_WRITABLE,
     SPTE_PS,
     SPTE_W,
@@ -92,6 +93,15 @@ class TdpMap:
         old = table[frame]
         if old & SPTE_W:
             table[frame] = wrprot_for_logging(old)
+            return True
+        return False
+
+    def clear_dirty(self, gfn: int) -> bool:
+        """``clear_dirty_gfn_range`` for one 4K leaf: clear D (PML re-arm); true if it was set."""
+        table = self.levels[1]
+        old = table.get(gfn)
+        if old is not None and old & SPTE_D:
+            table[gfn] = old & ~SPTE_D
             return True
         return False
 
