@@ -41,6 +41,7 @@ from .mmu import (
     walk_addr,
 )
 from .mmu.paging import PFERR_WRITE
+from .mmu.pml import PmlBuffer, PmlFull
 
 if TYPE_CHECKING:
     from .vm import VM
@@ -52,6 +53,10 @@ _CR0_PE, _CR0_WP, _CR0_PG = 1, 1 << 16, 1 << 31
 _CR4_PAE = 1 << 5
 _EFER_LME, _EFER_LMA = 1 << 8, 1 << 10
 _FAULT_LOOP_LIMIT = 16
+
+
+class _DirtyRingRequest(Exception):
+    """``KVM_REQ_DIRTY_RING_SOFT_FULL`` was raised while handling an exit: stop before re-entry."""
 
 
 class NeedEmulation(Exception):
@@ -67,7 +72,9 @@ class RunExit:
     """Why ``Vcpu.run`` returned (``struct kvm_run`` ``exit_reason``).
 
     ``kind`` is ``"io"`` (``exit`` holds the :class:`PortOut` / :class:`PortIn`),
-    ``"hlt"``, ``"limit"`` (instruction budget used up) or ``"error"`` (``message``).
+    ``"hlt"``, ``"limit"`` (instruction budget used up), ``"dirty_ring_full"``
+    (``KVM_EXIT_DIRTY_RING_FULL``: harvest the ring, reset, run again) or
+    ``"error"`` (``message``).
     """
 
     kind: str
@@ -265,6 +272,17 @@ class Vcpu:
         self.emulator_memory = _EmulatorMemory(self)
         self.instructions = 0
         self.emulations = 0
+        #: Intel PML: the hardware buffer (``None`` without PML) and the execution
+        #: control, on while some memslot is dirty-logged (``vmx_update_cpu_dirty_logging``).
+        self.pml: PmlBuffer | None = None
+        self.pml_enabled = False
+        self.pml_flushes = 0  #: non-empty ``vmx_flush_pml_buffer`` calls
+        self.pml_full_exits = 0  #: ``EXIT_REASON_PML_FULL`` exits
+        #: KVM's dirty ring of this vCPU (set by the dirty logger; needs ``soft_full``)
+        #: and ``KVM_REQ_DIRTY_RING_SOFT_FULL``.
+        self.dirty_ring: Any = None
+        self.req_dirty_ring_soft_full = False
+        self.dirty_ring_full_exits = 0  #: ``KVM_EXIT_DIRTY_RING_FULL`` exits
 
     # ---- paging state ---------------------------------------------------------
     @property
@@ -292,6 +310,41 @@ class Vcpu:
     def is_code_page(self, vpn: int) -> bool:
         return vpn in self.cache.code_pages()
 
+    # ---- PML and dirty-ring requests ---------------------------------------------------
+    def flush_pml_buffer(self) -> int:
+        """``vmx_flush_pml_buffer``: mark every logged gpa dirty, oldest first; returns how many.
+
+        KVM calls it at the start of every VM-exit; here: on exits to KVM's fault
+        handler, on a PML-full exit, whenever :meth:`run` returns, and from
+        ``kvm_arch_sync_dirty_log`` (a GET kicks the vCPUs).
+        """
+        pml = self.pml
+        if pml is None or pml.empty:
+            return 0
+        gpas = pml.drain()
+        self.pml_flushes += 1
+        vm = self.vm
+        for gpa in gpas:
+            gfn = gpa >> PAGE_SHIFT
+            slot = vm.memslots.gfn_to_memslot(gfn)
+            if slot is not None:
+                vm.mark_page_dirty(self, slot, gfn)  # kvm_vcpu_mark_page_dirty
+        return len(gpas)
+
+    def _dirty_ring_check_request(self) -> bool:
+        """``kvm_dirty_ring_check_request``: exit to userspace while the ring is soft-full.
+
+        The request is consumed, and re-raised when the ring is still soft-full,
+        so every ``KVM_RUN`` exits again until a reset drains it.
+        """
+        self.req_dirty_ring_soft_full = False
+        ring = self.dirty_ring
+        if ring is not None and ring.soft_full:
+            self.req_dirty_ring_soft_full = True
+            self.dirty_ring_full_exits += 1
+            return True
+        return False
+
     # ---- TLB fill -------------------------------------------------------------------
     def fill(self, addr: int, write: bool) -> memoryview:
         """Translate ``addr`` for an access, handling exits to KVM; returns the page view.
@@ -306,6 +359,13 @@ class Vcpu:
                 with vm.mmu_lock:
                     mmu.load_roots(self)
             t = mmu.hw_translate(self, addr, write)
+            if isinstance(t, PmlFull):
+                # handle_pml_full: the exit drains the buffer; the access is retried.
+                self.pml_full_exits += 1
+                self.flush_pml_buffer()
+                if self.req_dirty_ring_soft_full:
+                    raise _DirtyRingRequest
+                continue
             if isinstance(t, Translation):
                 slot = t.slot
                 off = (t.gfn - slot.base_gfn) << PAGE_SHIFT
@@ -319,10 +379,14 @@ class Vcpu:
                     else:
                         self.wtlb[vpn] = page
                 return page
+            if self.pml is not None:
+                self.flush_pml_buffer()  # vmx_handle_exit drains PML on every exit
             with vm.mmu_lock:
                 r = mmu.page_fault(self, t.addr, t.error_code)
             if r == RET_PF_EMULATE:
                 raise NeedEmulation(t.addr, t.error_code)
+            if self.req_dirty_ring_soft_full:
+                raise _DirtyRingRequest  # the faulting access has not retired (§7 case 35)
         raise RuntimeError(f"access to {addr:#x} keeps faulting")
 
     # ---- emulation (x86_emulate_instruction) --------------------------------------
@@ -358,7 +422,15 @@ class Vcpu:
 
     # ---- KVM_RUN ----------------------------------------------------------------------
     def run(self, max_instructions: int | None = None) -> RunExit:
-        """Execute until an exit the VMM must handle (``KVM_RUN``)."""
+        """Execute until an exit the VMM must handle (``KVM_RUN``).
+
+        A pending ``KVM_REQ_DIRTY_RING_SOFT_FULL`` is checked before guest code
+        runs, after an exit handler marked pages dirty and after an emulated
+        instruction (``vcpu_enter_guest`` → ``kvm_dirty_ring_check_request``).
+        Every return is an exit, so the PML buffer is drained first.
+        """
+        if self.req_dirty_ring_soft_full and self._dirty_ring_check_request():
+            return RunExit("dirty_ring_full")
         cpu = self.cpu
         mem = self.native
         table = self.cache.table
@@ -367,13 +439,22 @@ class Vcpu:
         executed = 0
         try:
             while executed != budget:
-                fn = table.get(cpu.rip)
-                if fn is None:
-                    fn = decode(cpu.rip)
                 try:
+                    fn = table.get(cpu.rip)
+                    if fn is None:
+                        fn = decode(cpu.rip)
                     r: object = fn(cpu, mem)
                 except NeedEmulation as need:
                     r = self.emulate(need)
+                    if self.req_dirty_ring_soft_full and r is None:
+                        executed += 1
+                        if self._dirty_ring_check_request():
+                            return RunExit("dirty_ring_full")
+                        continue
+                except _DirtyRingRequest:
+                    if self._dirty_ring_check_request():
+                        return RunExit("dirty_ring_full")
+                    continue
                 executed += 1
                 if r is None:
                     continue
@@ -397,6 +478,8 @@ class Vcpu:
             return RunExit("error", message=f"{exc} at rip {cpu.rip:#x}")
         finally:
             self.instructions += executed
+            if self.pml is not None:
+                self.flush_pml_buffer()
 
     def _decode(self, rip: int) -> Any:
         """Decode and cache the instruction at ``rip``; keep its pages out of the write TLB.

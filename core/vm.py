@@ -34,7 +34,11 @@ from .plugin_host import HookBus, PluginHost
 if TYPE_CHECKING:
     from .vcpu import Vcpu
 
-__all__ = ["VM"]
+__all__ = ["KVM_DIRTY_LOG_INITIALLY_SET", "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE", "VM"]
+
+#: ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` options (include/uapi/linux/kvm.h).
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
 
 _ids = itertools.count()
 
@@ -80,6 +84,10 @@ class VM:
         self.write_track = WriteTrack(self.memslots, self.audit, tdp_enabled=tdp, flush=self.flush_remote_tlbs)
         self.mmu = Mmu(self, tdp=tdp, host_huge_pages=host_huge_pages)
         self.vcpus: list[Vcpu] = []
+        #: ``kvm->manual_dirty_log_protect`` (``KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)``)
+        #: and ``kvm->dirty_ring_size`` in bytes (``KVM_ENABLE_CAP(DIRTY_LOG_RING)``).
+        self.manual_dirty_log_protect = 0
+        self.dirty_ring_size = 0
         self.closed = False
         if self.audit.enabled:
             self.audit.emit("vm_create", tdp=tdp)
@@ -193,17 +201,36 @@ class VM:
                 old.arch.gfn_write_track = None
                 old.dirty_bitmap = None
             if (change is Change.FLAGS_ONLY and new is not None and old is not None
-                    and new.logging and not old.logging and not new.readonly):
-                self.apply_dirty_logging(new)
+                    and new.logging != old.logging and not new.readonly):
+                if new.logging:
+                    self.apply_dirty_logging(new)
+                else:
+                    self.stop_dirty_logging(new)
             self.hooks.memslot_commit(self, change.value, old, new)
             return 0
 
     def apply_dirty_logging(self, slot: MemSlot) -> None:
-        """``kvm_mmu_slot_apply_flags`` (enable, no PML): write-protect the slot for logging, flush."""
-        if getattr(slot, "skip_initial_wrprot", False):
+        """``kvm_mmu_slot_apply_flags``, logging turned on (FLAGS_ONLY, not read-only).
+
+        With manual protect and ``KVM_DIRTY_LOG_INITIALLY_SET`` nothing happens:
+        every page is assumed dirty and CLEAR protects gradually.  Otherwise huge
+        pages are split (eager splitting, TDP), the slot is write-protected — or
+        its 4K leaves lose D when the CPU has PML — and TLBs are flushed
+        unconditionally (a read-only SPTE may still be cached writable).
+        """
+        if self.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
             return
-        self.mmu.slot_wrprot_for_logging(slot)
+        self.mmu.slot_wrprot_for_logging(slot, pml=bool(self.mmu.cpu_dirty_log_size))
         self.flush_remote_tlbs("log_dirty_enable")
+
+    def stop_dirty_logging(self, slot: MemSlot) -> None:
+        """``kvm_mmu_slot_apply_flags``, logging turned off: recover huge mappings.
+
+        ``kvm_mmu_zap_collapsible_sptes``: 4K leaves that could be mapped huge are
+        zapped (with a flush) so that the next access maps them huge again.
+        """
+        if self.mmu.recover_huge_pages(slot):
+            self.flush_remote_tlbs("log_dirty_disable")
 
     def add_memory(self, guest_phys_addr: int, size: int, flags: int = 0, slot: int | None = None) -> MemSlot:
         """Map host memory and create a memslot for it (a VMM's usual two steps)."""
