@@ -23,7 +23,11 @@ Examples:
   pagetrack run                                  # the built-in tour
   pagetrack run prog.s -D N=128 --shadow --json
   pagetrack run prog.s --track 0x400-0x40f --audit-log run.jsonl
+  pagetrack run prog.s --dirty-log ring --json   # KVM's dirty ring instead of the bitmap
 """
+
+#: ``--dirty-log`` choices: the dirty logger's modes (``pagetrack.plugins.dirty_log.MODES``).
+DIRTY_LOG_MODES = ("bitmap", "clear", "clear-initially-set", "ring", "pml", "track")
 
 
 def _gfns(gfns: list[int]) -> str:
@@ -36,7 +40,7 @@ def _gfns(gfns: list[int]) -> str:
 def render(result: dict[str, Any], console: Console, title: str) -> None:
     """Print a run result as rich tables."""
     console.print(f"[bold]{title}[/] — {result['paging']} paging, exit: {result['exit']}")
-    rounds = Table(title="Dirty pages per round (dirty log, bitmap mode)")
+    rounds = Table(title=f"Dirty pages per round (dirty log, {result.get('mode', 'bitmap')} mode)")
     rounds.add_column("round", justify="right")
     rounds.add_column("data pages", justify="right")
     rounds.add_column("data gfns")
@@ -76,23 +80,27 @@ def render(result: dict[str, Any], console: Console, title: str) -> None:
 @click.option("--shadow/--tdp", default=False, help="Shadow paging instead of TDP (default: TDP).")
 @click.option("--track", "tracks", multiple=True, metavar="GFN[-GFN]",
               help="Write-track an inclusive gfn range as an external tracker would.")
+@click.option("--dirty-log", "dirty_log", type=click.Choice(DIRTY_LOG_MODES), default="bitmap", show_default=True,
+              help="KVM dirty-logging mode: GET_DIRTY_LOG, manual CLEAR (optionally INITIALLY_SET), "
+                   "dirty ring, Intel PML, or a write tracker instead.")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Write the audit log here.")
 @click.option("--audit-level", type=click.Choice(["debug", "info"]), default="info", show_default=True)
 @click.option("--max-instructions", type=click.IntRange(1), default=200_000_000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @guarded
 def run(program: Path | None, defines: tuple[str, ...], mem_mib: int, shadow: bool, tracks: tuple[str, ...],
-        audit_log: Path | None, audit_level: str, max_instructions: int, as_json: bool) -> None:
+        dirty_log: str, audit_log: Path | None, audit_level: str, max_instructions: int, as_json: bool) -> None:
     """Run PROGRAM (x86-64 assembly .s, or raw machine code) on the simulated VM.
 
     Without PROGRAM, runs the built-in tour. The JSON output has rounds,
-    low_rounds, exit, io, regs and counters.
+    low_rounds, exit, io, regs, counters and round_stats (per-round costs of
+    the --dirty-log mode).
     """
     from .runner import parse_gfn_range, run_program
 
     if program is None:
-        if defines or tracks:
-            fail("-D and --track apply to a PROGRAM; the tour takes none")
+        if defines or tracks or dirty_log != "bitmap":
+            fail("-D, --track and --dirty-log apply to a PROGRAM; the tour takes none")
         from .tour import run_tour
 
         result = run_tour(audit_log)
@@ -101,7 +109,7 @@ def run(program: Path | None, defines: tuple[str, ...], mem_mib: int, shadow: bo
         ranges = [parse_gfn_range(t) for t in tracks]
         prog = load_program(program, parse_defines(list(defines)), mem_mib << 20)
         result = run_program(prog, tdp=not shadow, track=ranges, audit=audit_log, audit_level=audit_level,
-                             max_instructions=max_instructions)
+                             max_instructions=max_instructions, options={"dirty_log": {"mode": dirty_log}})
         title = str(program)
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(result, option=orjson.OPT_INDENT_2) + b"\n")

@@ -177,6 +177,10 @@ def run_program(
     try:
         if vm_hook is not None:
             vm_hook(vm, vcpu)
+        from pagetrack.plugins.dirty_log import logger_of
+
+        logger = logger_of(vm)
+        logger.start(vm)
         io: list[int] = []
         rounds_closed = 0
         budget = max_instructions
@@ -198,6 +202,9 @@ def run_program(
                     value = vm.hooks.guest_port_io(vm, vcpu, port_exit.port, port_exit.size, 0, False)
                     port_exit.complete(cpu, (1 << (8 * port_exit.size)) - 1 if value is None else value)
                 continue
+            if ex.kind == "dirty_ring_full":  # KVM_EXIT_DIRTY_RING_FULL: reap into this round, re-enter
+                logger.collect(vm)
+                continue
             if ex.kind == "hlt":
                 exit_text = "hlt"
             elif ex.kind == "limit":
@@ -206,9 +213,6 @@ def run_program(
                 exit_text = ex.message
             vm.hooks.round_end(vm, vcpu, rounds_closed, True)
             break
-        from pagetrack.plugins.dirty_log import logger_of
-
-        logger = logger_of(vm)
         stats = vm.mmu.stats
         result: dict[str, Any] = {
             "rounds": logger.rounds_of(data.key),
@@ -218,6 +222,7 @@ def run_program(
             "regs": cpu.dump(),
             "mode": logger.mode,
             "paging": "tdp" if tdp else "shadow",
+            "round_stats": logger.round_stats,
             "counters": {
                 "instructions": vcpu.instructions,
                 "faults": stats.pf_taken,
