@@ -59,6 +59,10 @@ class _DirtyRingRequest(Exception):
     """``KVM_REQ_DIRTY_RING_SOFT_FULL`` was raised while handling an exit: stop before re-entry."""
 
 
+class EmulationFailure(Exception):
+    """KVM's emulator cannot handle the instruction (``X86EMUL_UNHANDLEABLE``)."""
+
+
 class NeedEmulation(Exception):
     """The page-fault handler returned ``RET_PF_EMULATE`` for an access of this instruction."""
 
@@ -234,20 +238,25 @@ class _EmulatorMemory:
             self._commit(gva, self._gpa(gva, True), data[done : done + n])
 
     def cmpxchg(self, addr: int, size: int, expected: int, new: int) -> tuple[bool, int]:
-        """``em_cmpxchg`` + ``emulator_cmpxchg_emulated``.
+        """``em_cmpxchg`` / ``em_cmpxchg8b`` + writeback through ``emulator_cmpxchg_emulated``.
 
-        A failed comparison writes nothing and notifies nobody.  A success of
-        1/2/4/8 bytes within a page is one atomic write and one notification;
-        any other size, or a page-crossing one, goes through the write path.
+        The emulator compares first.  On success it writes ``new``; on failure it
+        still makes a write cycle, writing back the value it read ("create
+        write-cycle to dest by writing the same value"), so the page is dirtied
+        and trackers are notified either way.  The writeback of 1/2/4/8 bytes
+        within a page is one atomic write and one notification; any other size,
+        or a page-crossing one, goes through the write path.  ``cmpxchg16b`` is
+        not emulated: ``em_cmpxchg8b`` returns ``X86EMUL_UNHANDLEABLE``.
         """
+        if size == 16:
+            raise EmulationFailure("cmpxchg16b is not emulated by KVM (em_cmpxchg8b: X86EMUL_UNHANDLEABLE)")
         old = self.read(addr, size)
-        if old != expected:
-            return False, old
+        value = new if old == expected else old
         if size > 8 or size & (size - 1) or (addr & 0xFFF) + size > 4096:
-            self.write(addr, size, new)
+            self.write(addr, size, value)
         else:
-            self._commit(addr, self._gpa(addr, True), new.to_bytes(size, "little"))
-        return True, old
+            self._commit(addr, self._gpa(addr, True), value.to_bytes(size, "little"))
+        return old == expected, old
 
 
 class Vcpu:
@@ -418,7 +427,16 @@ class Vcpu:
             vm.audit.emit("emulate", "debug", vcpu=self.index, rip=rip, insn=self._mnemonic(rip))
         mem = self.emulator_memory
         fn = self.cache.get(rip, mem)
-        return fn(cpu, mem)
+        try:
+            return fn(cpu, mem)
+        except EmulationFailure:
+            # kvm_unprotect_and_retry_on_failure: if KVM's own shadow pages are
+            # what write-protects the gfn, drop them and let the guest retry.
+            vm.mmu.stats.insn_emulation_fail += 1
+            with vm.mmu_lock:
+                if vm.mmu.unprotect_gfn_and_retry(self, fault.addr, True):
+                    return None
+            raise
 
     # ---- KVM_RUN ----------------------------------------------------------------------
     def run(self, max_instructions: int | None = None) -> RunExit:
@@ -476,6 +494,8 @@ class Vcpu:
             return RunExit("error", message=f"{exc} at rip {cpu.rip:#x}")
         except MmioAccess as exc:
             return RunExit("error", message=f"{exc} at rip {cpu.rip:#x}")
+        except EmulationFailure as exc:
+            return RunExit("error", message=f"emulation failure (KVM_EXIT_INTERNAL_ERROR): {exc} at rip {cpu.rip:#x}")
         finally:
             self.instructions += executed
             if self.pml is not None:
