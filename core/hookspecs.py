@@ -99,8 +99,9 @@ def mark_page_dirty(vm: Any, vcpu: Any, slot: MemSlot, gfn: int) -> None:
 
     Called only for slots with ``KVM_MEM_LOG_DIRTY_PAGES``: when the fast page
     fault makes a dirty-log-protected SPTE writable, when a writable SPTE is
-    installed in a logged slot, and after KVM itself writes guest memory
-    (emulated instructions, host-side writes).
+    installed in a logged slot, after KVM itself writes guest memory
+    (emulated instructions, host-side writes), and for each gpa of a vCPU's
+    Intel PML buffer when it is flushed (``vmx_flush_pml_buffer``).
 
     :param vm: the VM.
     :param vcpu: the vCPU running on this thread, or ``None`` for a write made

@@ -132,6 +132,7 @@ ZAP_REASONS: Final = (
     "obsolete",
     "rmap_recycle",
     "sync",
+    "collapsible",
 )
 
 #: event name -> (level, field names); a trailing ``?`` marks an optional field.
