@@ -56,7 +56,7 @@ def test_compare_bad_program_is_one_line_exit_2(tmp_path: Path) -> None:
 
 @needs_kvm
 @pytest.mark.parametrize("name", ["a_pages", "b_lcg", "c_mixed", "d_reads"])
-@pytest.mark.parametrize("mode", ["bitmap"])
+@pytest.mark.parametrize("mode", ["bitmap", "clear", "ring"])
 def test_example_programs_agree_with_real_kvm(name: str, mode: str) -> None:
     r = CliRunner().invoke(main, ["compare", str(PROGRAMS / f"{name}.s"), "--mode", mode, "--json"])
     result = orjson.loads(r.output)
