@@ -7,8 +7,9 @@ the first write to one of them it records the page and drops the tracking
 (``kvm_write_track_remove_gfn``); at the next round it tracks the recorded pages
 again.  The cost is visible in the counters: every first write to a tracked page
 faults and is emulated.  It also sees only what KVM's ``track_write`` sees: writes
-the emulator commits (a failed ``cmpxchg`` and the guest-table A/D updates done
-by KVM's walker are not notified).
+the emulator commits (a failed ``lock cmpxchg`` counts: ``em_cmpxchg`` writes the old
+value back), not the guest-table A/D updates of the CPU or KVM's walker, so the
+page-table pages of the low slot are missing from its rounds.
 """
 
 from __future__ import annotations

@@ -42,14 +42,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "track": {"mode": "track"},
 }
 
-#: c_mixed round 3 does a ``lock cmpxchg`` that fails on data page 21.  KVM's emulator then writes
-#: the old value back ("Create write-cycle to dest by writing the same value", em_cmpxchg), which
-#: page-track notifies; the simulator's emulator returns without writing (the known
-#: ``test_failed_emulated_cmpxchg_still_marks_the_page_dirty`` xfail in tests/test_vcpu.py), so the
-#: write tracker misses the page.  Dirty-log modes see it through the fault's make_spte.
-CMPXCHG_GAP = (2, DATA_GFN + 21)
-
-
 def _id(v: tuple[str, dict[str, int]]) -> str:
     name, d = v
     return name + "".join(f"-{k}={val}" for k, val in d.items())
@@ -75,13 +67,9 @@ def test_every_mode_gives_bitmap_rounds(variant: tuple[str, dict[str, int]], con
     prog = load_program(programs_dir() / f"{name}.s", defines)
     got = run_program(prog, tdp=tdp, options={"dirty_log": CONFIGS[config]})
     assert got["exit"] == "hlt" and got["io"] == want["io"] and got["regs"] == want["regs"]
-    rounds = got["rounds"]
-    if config == "track" and name == "c_mixed" and rounds != want["rounds"]:
-        i, gfn = CMPXCHG_GAP
-        patched = [sorted({*r, gfn}) if k == i else r for k, r in enumerate(rounds)]
-        assert patched == want["rounds"], "track mode differs by more than the failed-cmpxchg page"
-        pytest.xfail("emulated failed lock cmpxchg writes nothing in the simulator (KVM writes the old value back)")
-    assert rounds == want["rounds"]
+    # c_mixed's failing lock cmpxchg is seen by the write tracker too: KVM's emulator writes the
+    # old value back (em_cmpxchg), which page-track notifies
+    assert got["rounds"] == want["rounds"]
     if config != "track":  # the write tracker does not see KVM's guest-table A/D updates
         assert got["low_rounds"] == want["low_rounds"]
     if config == "ring-256" and variant[1].get("N") == 600:
@@ -181,6 +169,4 @@ def test_simulator_rounds_match_the_real_kvm(name: str, mode: str, kvm_run: Any)
     kvm_mode, initially_set = KVM_MODES[mode]
     want = kvm_run(name, kvm_mode, initially_set)
     got = run_program(load_program(programs_dir() / f"{name}.s"), options={"dirty_log": {"mode": mode}})
-    if mode == "track" and name == "c_mixed" and got["rounds"] != want["rounds"]:
-        pytest.xfail("emulated failed lock cmpxchg writes nothing in the simulator (see CMPXCHG_GAP)")
     assert got["rounds"] == want["rounds"]
