@@ -144,6 +144,7 @@ def setup_vm(
         cpu.regs[4] = STACK_TOP
         cpu.regs[7] = DATA_BASE
         cpu.regs[6] = data_size
+        cpu.set_rflags(0x2)  # the reset value: only the fixed bit 1
         vcpu.set_cr3(layout.cr3)
     except BaseException:
         vm.close()
