@@ -10,12 +10,12 @@ from __future__ import annotations
 import click
 
 from . import cli_audit, cli_compare, cli_migrate, cli_plugins, cli_run
-from .cli_common import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, fail, guarded
+from .cli_common import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, OneLineGroup, fail, guarded
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "fail", "guarded", "main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pagetrack", prog_name="pagetrack")
 def main() -> None:
     """pagetrack: KVM's x86 write tracking, simulated, with trackers as plugins."""

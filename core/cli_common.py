@@ -16,7 +16,7 @@ import click
 
 from .errors import InputError, KvmError
 
-__all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "fail", "guarded"]
+__all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "OneLineGroup", "fail", "guarded"]
 
 EXIT_OK = 0
 EXIT_FINDING = 1
@@ -45,3 +45,23 @@ def guarded(fn: F) -> F:
             fail(f"{where}{exc.strerror or exc}")
 
     return wrapper  # type: ignore[return-value]
+
+
+class OneLineGroup(click.Group):
+    """A command group whose usage errors are one line on stderr and exit 2.
+
+    Click prints a usage block for a bad option; every other bad input of
+    pagetrack is one line, so option errors are too.
+    """
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        standalone = kwargs.pop("standalone_mode", True)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            fail(exc.format_message().replace("\n", " "))
+        except click.Abort:
+            fail("aborted", EXIT_FINDING)
+        if not standalone:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)

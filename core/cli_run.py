@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .cli_common import fail, guarded
 from .errors import InputError
-from .program import DEFAULT_DATA_SIZE, load_program, parse_defines
+from .program import DEFAULT_DATA_SIZE, MAX_DATA_SIZE, load_program, parse_defines
 
 __all__ = ["run"]
 
@@ -75,7 +75,8 @@ def render(result: dict[str, Any], console: Console, title: str) -> None:
 @click.command(epilog=_EXAMPLE)
 @click.argument("program", required=False, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-D", "defines", multiple=True, metavar="NAME=VALUE", help="Override or add an .equ symbol.")
-@click.option("--mem-mib", type=click.IntRange(1, 480), default=DEFAULT_DATA_SIZE >> 20, show_default=True,
+@click.option("--mem-mib", type=click.IntRange(1, MAX_DATA_SIZE >> 20), default=DEFAULT_DATA_SIZE >> 20,
+              show_default=True,
               help="Size of the data slot in MiB.")
 @click.option("--shadow/--tdp", default=False, help="Shadow paging instead of TDP (default: TDP).")
 @click.option("--track", "tracks", multiple=True, metavar="GFN[-GFN]",
@@ -83,13 +84,16 @@ def render(result: dict[str, Any], console: Console, title: str) -> None:
 @click.option("--dirty-log", "dirty_log", type=click.Choice(DIRTY_LOG_MODES), default="bitmap", show_default=True,
               help="KVM dirty-logging mode: GET_DIRTY_LOG, manual CLEAR (optionally INITIALLY_SET), "
                    "dirty ring, Intel PML, or a write tracker instead.")
+@click.option("--backend", type=click.Choice(["sim", "kvm"]), default="sim", show_default=True,
+              help="The simulator, or the host's real /dev/kvm (modes bitmap, clear, clear-initially-set, ring).")
 @click.option("--audit-log", type=click.Path(dir_okay=False, path_type=Path), help="Write the audit log here.")
 @click.option("--audit-level", type=click.Choice(["debug", "info"]), default="info", show_default=True)
 @click.option("--max-instructions", type=click.IntRange(1), default=200_000_000, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @guarded
 def run(program: Path | None, defines: tuple[str, ...], mem_mib: int, shadow: bool, tracks: tuple[str, ...],
-        dirty_log: str, audit_log: Path | None, audit_level: str, max_instructions: int, as_json: bool) -> None:
+        dirty_log: str, backend: str, audit_log: Path | None, audit_level: str, max_instructions: int,
+        as_json: bool) -> None:
     """Run PROGRAM (x86-64 assembly .s, or raw machine code) on the simulated VM.
 
     Without PROGRAM, runs the built-in tour. The JSON output has rounds,
@@ -99,12 +103,15 @@ def run(program: Path | None, defines: tuple[str, ...], mem_mib: int, shadow: bo
     from .runner import parse_gfn_range, run_program
 
     if program is None:
-        if defines or tracks or dirty_log != "bitmap":
-            fail("-D, --track and --dirty-log apply to a PROGRAM; the tour takes none")
+        if defines or tracks or dirty_log != "bitmap" or backend != "sim":
+            fail("-D, --track, --dirty-log and --backend apply to a PROGRAM; the tour takes none")
         from .tour import run_tour
 
         result = run_tour(audit_log)
         title = "pagetrack tour"
+    elif backend == "kvm":
+        result = _run_on_kvm(program, defines, mem_mib, tracks, dirty_log, audit_log)
+        title = f"{program} on /dev/kvm ({result['execution']})"
     else:
         ranges = [parse_gfn_range(t) for t in tracks]
         prog = load_program(program, parse_defines(list(defines)), mem_mib << 20)
@@ -117,3 +124,31 @@ def run(program: Path | None, defines: tuple[str, ...], mem_mib: int, shadow: bo
         render(result, Console(), title)
     if result["exit"] != "hlt":
         raise InputError(f"guest stopped: {result['exit']}")
+
+
+def _run_on_kvm(program: Path, defines: tuple[str, ...], mem_mib: int, tracks: tuple[str, ...],
+                dirty_log: str, audit_log: Path | None) -> dict[str, Any]:
+    """``--backend kvm``: the same program and JSON contract on the host's real KVM."""
+    from .kvm import KvmUnavailable, run_on_kvm
+
+    if tracks or audit_log is not None:
+        fail("--track and --audit-log need the simulator (--backend sim)")
+    if dirty_log not in ("bitmap", "clear", "clear-initially-set", "ring"):
+        fail(f"--dirty-log {dirty_log} is simulator-only; real KVM here runs bitmap, clear, "
+             "clear-initially-set or ring")
+    prog = load_program(program, parse_defines(list(defines)), mem_mib << 20)
+    mode, initially_set = ("clear", True) if dirty_log == "clear-initially-set" else (dirty_log, False)
+    try:
+        result = run_on_kvm(prog, mode=mode, initially_set=initially_set)
+    except KvmUnavailable as exc:
+        fail(str(exc))
+    stats = result.get("stats", {})
+    result.setdefault("paging", "kvm")
+    result["counters"] = {
+        "faults": stats.get("pf_taken"),
+        "fixed": stats.get("pf_fixed"),
+        "emulations": stats.get("insn_emulation"),
+        "vm_exits": stats.get("exits"),
+        **{f"kvm.{k}": v for k, v in stats.items()},
+    }
+    return result

@@ -32,6 +32,7 @@ __all__ = [
     "DEFAULT_DATA_SIZE",
     "LOG_PORT",
     "LOW_SIZE",
+    "MAX_DATA_SIZE",
     "PTE_A",
     "PTE_D",
     "PTE_P",
@@ -60,7 +61,10 @@ DEFAULT_DATA_SIZE = 16 << 20
 ROUND_PORT = 0x10
 LOG_PORT = 0x11
 PT_BASE = 0x1000  # PML4 here, then the PDPT, PDs and PTs
-PT_LIMIT = 0x80000  # page tables must stay below this
+PT_LIMIT = 0x80000  # page tables must stay below this (the real-KVM monitor lives above)
+#: The largest data slot whose page tables fit below PT_LIMIT: one PML4, one PDPT,
+#: one PD, one table for the low slot, and one table per 2 MiB of data.
+MAX_DATA_SIZE = ((PT_LIMIT - PT_BASE) // PAGE_SIZE - 4) << 21
 
 PTE_P = 1 << 0
 PTE_RW = 1 << 1

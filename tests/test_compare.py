@@ -2,32 +2,16 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import orjson
 import pytest
 from click.testing import CliRunner
+from kvm_available import needs_kvm
 from pagetrack.cli import main
 from pagetrack.compare import diff_rounds
 
 PROGRAMS = Path(__file__).resolve().parents[2] / "shared" / "programs"
-
-
-def _kvm_usable() -> str | None:
-    if not os.path.exists("/dev/kvm"):
-        return "/dev/kvm is absent"
-    try:
-        from pagetrack.kvm import detect_execution
-
-        detect_execution()
-    except Exception as exc:  # KvmUnavailable or a broken host
-        return f"/dev/kvm is not usable: {exc}"
-    return None
-
-
-_REASON = _kvm_usable()
-needs_kvm = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
 
 
 def test_diff_rounds_reports_both_sides_and_missing_rounds() -> None:

@@ -1,0 +1,67 @@
+"""``pagetrack run``: the tour, programs, the real-KVM backend, and bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+import pytest
+from click.testing import CliRunner
+from kvm_available import needs_kvm
+from pagetrack.cli import main
+
+PROGRAMS = Path(__file__).resolve().parents[2] / "shared" / "programs"
+
+
+def invoke(*args: str):  # type: ignore[no-untyped-def]
+    return CliRunner().invoke(main, list(args))
+
+
+def test_tour_runs_and_its_audit_log_verifies(tmp_path: Path) -> None:
+    log = tmp_path / "tour.jsonl"
+    r = invoke("run", "--json", "--audit-log", str(log))
+    assert r.exit_code == 0, r.output
+    result = orjson.loads(r.output)
+    assert result["exit"] == "hlt"
+    assert result["io"] == [1, 4, 4, 2]
+    assert result["tour"]["audit_ok"]
+    assert invoke("audit", str(log)).exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["run", "missing.s"], "no such file"),
+        (["run", "--mem-mib", "100000", "x.s"], "--mem-mib"),
+        (["run", "--bogus"], "No such option"),
+        (["run", str(PROGRAMS / "a_pages.s"), "--track", "zz"], "--track"),
+        (["run", str(PROGRAMS / "a_pages.s"), "-D", "N"], "NAME=VALUE"),
+        (["run", "-D", "N=1"], "tour takes none"),
+        (["run", str(PROGRAMS / "a_pages.s"), "--backend", "kvm", "--dirty-log", "pml"], "simulator-only"),
+        (["run", str(PROGRAMS / "a_pages.s"), "--backend", "kvm", "--track", "0x400"], "need the simulator"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
+    r = invoke(*args)
+    assert r.exit_code == 2
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_a_guest_that_stops_on_an_error_exits_2(tmp_path: Path) -> None:
+    prog = tmp_path / "bad.s"
+    prog.write_text("mov qword ptr [0x7000000000], rax\nhlt\n")
+    r = invoke("run", str(prog))
+    assert r.exit_code == 2
+    assert "guest stopped" in r.output
+
+
+@needs_kvm
+@pytest.mark.parametrize("mode", ["bitmap", "clear", "clear-initially-set", "ring"])
+def test_backend_kvm_gives_the_same_rounds_as_the_simulator(mode: str) -> None:
+    prog = str(PROGRAMS / "c_mixed.s")
+    real = orjson.loads(invoke("run", prog, "--backend", "kvm", "--dirty-log", mode, "--json").output)
+    sim = orjson.loads(invoke("run", prog, "--shadow", "--dirty-log", mode, "--json").output)
+    assert real["exit"] == sim["exit"] == "hlt"
+    assert real["rounds"] == sim["rounds"]
+    assert real["regs"] == {k: v for k, v in sim["regs"].items() if k in real["regs"]}
