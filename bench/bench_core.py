@@ -113,7 +113,7 @@ again:
     r = run_program(prog, track=[(base, base)])
     total = time.perf_counter() - t
     t = time.perf_counter()
-    plain = run_program(prog)
+    run_program(prog)
     untracked = time.perf_counter() - t
     n = r["counters"]["emulations"]
     return (total - untracked) / max(n, 1) * 1e6, n

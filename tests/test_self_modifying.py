@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from pagetrack.program import CODE_BASE, assemble
 from pagetrack.runner import run_program
 
