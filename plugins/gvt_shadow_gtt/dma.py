@@ -10,10 +10,13 @@
 * :class:`Vfio` is ``vfio_pin_pages`` / ``vfio_unpin_pages`` against that
   backing: a gfn outside every memslot fails with ``-EINVAL`` (no DMA mapping
   covers the IOVA); ``pin_limit`` models ``RLIMIT_MEMLOCK`` (``-ENOMEM``).
+* :class:`Iommu` is what ``dma_map_page`` / ``dma_unmap_page`` program: with
+  DMA remapping on (the default) each mapping gets a fresh, naturally aligned
+  IOVA and the GPU reaches host memory only through live mappings; in
+  passthrough mode (``iommu=pt``) a DMA address is the host physical address.
 * :class:`DmaCache` is kvmgt.c's ``gfn_cache`` / ``dma_addr_cache``:
   ``intel_gvt_dma_map_guest_page`` / ``intel_gvt_dma_unmap_guest_page`` /
   ``intel_gvt_dma_pin_guest_page``, ``intel_vgpu_dma_unmap``, ``gvt_cache_destroy``.
-  The IOMMU is in passthrough mode: a DMA address is the host physical address.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import attrs
 
 from .errors import GvtError
 
-__all__ = ["HUGE_BASE_PFN", "PAGES_PER_2M", "DmaCache", "GvtDma", "HostBacking", "Vfio"]
+__all__ = ["HUGE_BASE_PFN", "IOVA_BASE_PFN", "PAGES_PER_2M", "DmaCache", "GvtDma", "HostBacking",
+           "Iommu", "Vfio"]
 
 PAGE_SHIFT = 12
 PAGES_PER_2M = 512
@@ -33,6 +37,8 @@ PAGES_PER_2M = 512
 HUGE_BASE_PFN = 0x400000
 #: First (highest) pfn the 4 KiB allocator hands out; it counts down.
 SMALL_TOP_PFN = 0x3FFFFF
+#: First IOVA page handed out with DMA remapping on (64 GiB, above every host pfn).
+IOVA_BASE_PFN = 0x1000000
 
 
 class HostBacking:
@@ -113,6 +119,42 @@ class Vfio:
                 self.pins[g] = n - 1
 
 
+class Iommu:
+    """The DMA API under the GPU: IOVA → host pfn, one entry per mapped page.
+
+    ``remapping=False`` is passthrough: the IOVA is the host address and any
+    pfn is reachable.  With remapping, IOVAs are handed out once (bump
+    allocator, aligned to the mapping size) and an unmapped IOVA faults.
+    """
+
+    def __init__(self, remapping: bool = True) -> None:
+        self.remapping = remapping
+        self.table: dict[int, int] = {}  # iova pfn -> host pfn
+        self._next = IOVA_BASE_PFN
+
+    def map(self, pfn: int, npages: int) -> int:
+        """``dma_map_page``: the IOVA page of a mapping of ``npages`` from host ``pfn``."""
+        if not self.remapping:
+            return pfn
+        iova = (self._next + npages - 1) // npages * npages
+        self._next = iova + npages
+        for k in range(npages):
+            self.table[iova + k] = pfn + k
+        return iova
+
+    def unmap(self, iova: int, npages: int) -> None:
+        """``dma_unmap_page``."""
+        if self.remapping:
+            for k in range(npages):
+                self.table.pop(iova + k, None)
+
+    def translate(self, iova: int) -> int | None:
+        """The host pfn a device access to IOVA page ``iova`` reaches (``None``: IOMMU fault)."""
+        if not self.remapping:
+            return iova
+        return self.table.get(iova)
+
+
 @attrs.define(eq=False)
 class GvtDma:
     """``struct gvt_dma``: one cached mapping."""
@@ -131,8 +173,9 @@ class DmaCache:
     """
 
     def __init__(self, vfio: Vfio, attached: Callable[[], bool],
-                 emit: Callable[..., Any] | None = None) -> None:
+                 emit: Callable[..., Any] | None = None, iommu: Iommu | None = None) -> None:
         self.vfio = vfio
+        self.iommu = iommu if iommu is not None else Iommu()
         self.attached = attached
         self.emit = emit
         self.by_gfn: dict[int, GvtDma] = {}
@@ -168,14 +211,16 @@ class DmaCache:
         return base
 
     def _map_page(self, gfn: int, size: int) -> int:
-        """``gvt_dma_map_page``: pin, then ``dma_map_page`` (identity: the host address)."""
+        """``gvt_dma_map_page``: pin, then ``dma_map_page``."""
         pfn = self._pin_guest_page(gfn, size)
         self.maps += 1
-        return pfn << PAGE_SHIFT
+        return self.iommu.map(pfn, max(1, size >> PAGE_SHIFT)) << PAGE_SHIFT
 
     def _unmap_page(self, entry: GvtDma) -> None:
         """``gvt_dma_unmap_page``: ``dma_unmap_page`` then unpin."""
-        self.vfio.unpin(entry.gfn, max(1, entry.size >> PAGE_SHIFT))
+        npages = max(1, entry.size >> PAGE_SHIFT)
+        self.iommu.unmap(entry.dma_addr >> PAGE_SHIFT, npages)
+        self.vfio.unpin(entry.gfn, npages)
 
     def _add(self, gfn: int, dma: int, size: int) -> GvtDma:
         entry = GvtDma(gfn, dma, size)
@@ -265,12 +310,13 @@ class DmaCache:
         return self.by_gfn.get(gfn)
 
     def translate(self, gfn: int) -> int | None:
-        """Host pfn of ``gfn`` through the cache: its own entry, or a 2 MiB entry covering it."""
+        """Host pfn of ``gfn`` through the cache (its own entry, or a 2 MiB entry covering
+        it) and the IOMMU; ``None`` if no live mapping covers it."""
         entry = self.by_gfn.get(gfn)
         if entry is not None:
-            return entry.dma_addr >> PAGE_SHIFT
+            return self.iommu.translate(entry.dma_addr >> PAGE_SHIFT)
         base = gfn & ~(PAGES_PER_2M - 1)
         entry = self.by_gfn.get(base)
         if entry is not None and entry.size >= PAGES_PER_2M << PAGE_SHIFT:
-            return (entry.dma_addr >> PAGE_SHIFT) + (gfn - base)
+            return self.iommu.translate((entry.dma_addr >> PAGE_SHIFT) + (gfn - base))
         return None

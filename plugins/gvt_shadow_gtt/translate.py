@@ -85,7 +85,7 @@ def gpu_translate(mm: Mm, gma: int) -> int | None:
         table = (val & _4K) >> 12
     if table == vgpu.scratch_pt[GttType.PPGTT_PTE_PT]:
         return None
-    return table
+    return vgpu.dma.iommu.translate(table)
 
 
 def _guest_page(mm: Mm, gfn: int, cache: dict[int, tuple[int, ...]]) -> tuple[int, ...] | None:
@@ -196,13 +196,15 @@ def guest_mappings(mm: Mm, limit: int = MAX_PAGES) -> dict[int, int]:
     return out
 
 
-def shadow_mappings(mm: Mm, limit: int = MAX_PAGES) -> dict[int, int]:
-    """Every GPU page the shadow tables map to a real (non-scratch) host page."""
-    out: dict[int, int] = {}
+def shadow_mappings(mm: Mm, limit: int = MAX_PAGES) -> dict[int, int | None]:
+    """Every GPU page the shadow tables map to a non-scratch frame: ``{gma >> 12: host pfn}``
+    (``None`` where the IOMMU has no mapping for the frame)."""
+    out: dict[int, int | None] = {}
     vgpu = mm.vgpu
     pages = vgpu.gvt.host_pages
     scratch = vgpu.scratch_pt[GttType.PPGTT_PTE_PT]
     scratch_tables = set(vgpu.scratch_pt.values())
+    iommu = vgpu.dma.iommu.translate
     levels = _L4_LEVELS if mm.levels == 4 else _L3_LEVELS
 
     def walk(depth: int, mfn: int, base: int) -> None:
@@ -217,14 +219,14 @@ def shadow_mappings(mm: Mm, limit: int = MAX_PAGES) -> dict[int, int]:
                 continue
             va = base + (i << shift)
             if ty == GttType.PPGTT_PTE_PT:
-                pfn = (val & _4K) >> 12
-                if pfn != scratch:
-                    out[va >> 12] = pfn
+                frame = (val & _4K) >> 12
+                if frame != scratch:
+                    out[va >> 12] = iommu(frame)
                 continue
             if ty == GttType.PPGTT_PDE_PT and val & _PS:
-                pfn = (val & E.ADDR_2M_MASK) >> 12
+                frame = (val & E.ADDR_2M_MASK) >> 12
                 for k in range(512):
-                    out[(va >> 12) + k] = pfn + k
+                    out[(va >> 12) + k] = iommu(frame + k)
                 continue
             walk(depth + 1, (val & _4K) >> 12, va)
         if len(out) > limit:
@@ -267,7 +269,7 @@ def check_mm(mm: Mm, limit: int = MAX_PAGES) -> InvariantReport:
         if want is None or got != want:
             bad.append((page << 12, want, got))
     for page, got in shadow.items():
-        if page not in guest:
+        if page not in guest and got is not None:
             bad.append((page << 12, None, got))
     bad.sort(key=lambda m: m[0])
     return InvariantReport(mm.id, len(guest.keys() | shadow.keys()), tuple(bad))

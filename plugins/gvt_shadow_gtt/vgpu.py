@@ -21,7 +21,7 @@ from pagetrack.errors import InputError, KvmError
 from . import kvmgt
 from . import mm as mmops
 from .device import PREALLOCATED_OOS_PAGES, GvtDevice
-from .dma import DmaCache, HostBacking, Vfio
+from .dma import DmaCache, HostBacking, Iommu, Vfio
 from .entry import GttType
 from .errors import GvtError, status_of
 from .ggtt import (
@@ -72,7 +72,8 @@ class GvtOptions:
     64 KiB support (gen11+ always; gen9 when the guest set the IPS field of
     GAMW_ECO_DEV_RW_IA, modelled by ``ips``; gen8 never); ``has_2m`` 2 MiB GTT
     pages; ``out_of_sync`` / ``oos_pages`` the OOS machinery (off, 8192);
-    ``backing`` / ``huge_ranges`` / ``pin_limit`` the host memory (see
+    ``backing`` / ``huge_ranges`` / ``pin_limit`` the host memory and
+    ``iommu`` DMA remapping (off: passthrough, DMA address = host address; see
     :mod:`.dma`); ``max_shadow_pages`` the shadow-page budget;
     ``check_invariant`` runs :func:`~.translate.check_mm` after every submit;
     ``aperture`` / ``hidden`` the vGPU's GGTT slices ``(base, size)``.
@@ -87,6 +88,7 @@ class GvtOptions:
     backing: str = "4k"
     huge_ranges: tuple[tuple[int, int], ...] = attrs.field(default=(), converter=_range_list)
     pin_limit: int | None = None
+    iommu: bool = True
     max_shadow_pages: int | None = None
     check_invariant: bool = True
     aperture: tuple[int, int] = (0x08000000, 0x04000000)
@@ -177,7 +179,7 @@ class Vgpu:
         self.ppgtt_mm_list: list[Mm] = []
         self.backing = HostBacking(options.backing, options.huge_ranges)
         self.vfio = Vfio(self.backing, self._gfn_is_ram, options.pin_limit)
-        self.dma = DmaCache(self.vfio, lambda: self.attached, self._dma_event)
+        self.dma = DmaCache(self.vfio, lambda: self.attached, self._dma_event, Iommu(options.iommu))
         self.ggtt = Ggtt(tuple(options.aperture), tuple(options.hidden))  # type: ignore[arg-type]
         self.stats = VgpuStats()
         self.tracker = kvmgt.KvmgtTracker(self)
