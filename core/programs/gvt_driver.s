@@ -218,15 +218,15 @@ fill_pt:                                # PT[0..7] -> B0..B7
     xor eax, eax
     mov qword ptr [T5 + 8*16], rax      # unmap the second 64K page: 16 entries scratched
 
-    # ---- stores GVT refuses: 2 and 16 bytes ("guest page write error") ----
+    # ---- a 2-byte store GVT refuses ("guest page write error"; KVM cannot emulate the
+    #      16-byte ones, cmpxchg16b and SSE, so none reach GVT from this guest) ----
     mov ax, 0x1234
     mov word ptr [T3 + 8*20], ax
-    xor eax, eax
-    xor edx, edx
-    xor ebx, ebx
-    xor ecx, ecx
-    mov rdi, T3 + 8*22
-    lock cmpxchg16b xmmword ptr [rdi]   # 16 bytes: memory is 0 = rdx:rax, so it stores rcx:rbx
+
+    # ---- a store across two table pages: two 4-byte pieces, two post-shadow entries ----
+    mov rax, B11 + P
+    shl rax, 32                         # T3[511] high half := 0, T4[0] low half := B11 + P
+    mov qword ptr [T3 + 0xffc], rax
 
     # ---- PPGTT B (3-level): pdp[0] -> PD T6 -> PT T7 ----
     mov rax, T7 + P
