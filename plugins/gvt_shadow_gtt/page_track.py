@@ -9,13 +9,14 @@ Registration does not protect; enabling does, through
 from __future__ import annotations
 
 import contextlib
+import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import attrs
 
 from . import kvmgt
-from .errors import GvtError
+from .errors import GvtError, status_of
 
 if TYPE_CHECKING:
     from .vgpu import Vgpu
@@ -100,7 +101,7 @@ def intel_vgpu_page_track_handler(vgpu: Vgpu, gpa: int, data: bytes, nbytes: int
     gfn = gpa >> 12
     track = vgpu.page_track_tree.get(gfn)
     if track is None:
-        return -6  # -ENXIO
+        return -errno.ENXIO
     if vgpu.failsafe:
         with contextlib.suppress(GvtError):
             kvmgt.intel_gvt_page_track_remove(vgpu, gfn)
@@ -109,5 +110,5 @@ def intel_vgpu_page_track_handler(vgpu: Vgpu, gpa: int, data: bytes, nbytes: int
         track.handler(track, gpa, data, nbytes)
     except GvtError as exc:
         vgpu.error(f"guest page write error, gpa {gpa:#x}: {exc}")
-        return -exc.errno
+        return status_of(exc)
     return 0

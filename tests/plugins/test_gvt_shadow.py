@@ -578,3 +578,39 @@ def test_unknown_gfn_leaf_in_a_submitted_mm_is_enxio(gvt) -> None:
     pdps0 = chain(vm, leaves={0: 0x100000})
     assert vgpu.submit([pdps0]) == -errno.ENXIO
     assert vgpu.stats.submit_errors == 1 and not vgpu.spt_tree and DATA
+
+
+# ---- code-reading quirks of §6.1 and §6.9 ----------------------------------------------
+
+
+def test_an_spt_found_by_gfn_is_reused_whatever_its_level(gvt) -> None:
+    vm, vgpu = gvt()
+    vgpu.get_ppgtt_mm([chain(vm)])
+    guest_write64(vm, (PD << 12) + 8, pte(PD))  # a PDE pointing at the PD itself, as a "PT"
+    pd = spt_of(vgpu, PD)
+    assert pd.refcount == 2 and pd.shadow_type == T.PPGTT_PDE_PT
+    assert pd.shadow[1] == pte(pd.mfn)
+
+
+def test_an_8_byte_store_at_offset_4_is_a_full_write_of_the_entry_it_starts_in(gvt) -> None:
+    vm, vgpu = gvt()
+    vgpu.get_ppgtt_mm([chain(vm, leaves={})])
+    spt = spt_of(vgpu, PT)
+    poke(vm, PT << 12, pte(0x640))  # entry 0 behind GVT's back
+    guest_write64(vm, (PT << 12) + 4, 0)  # high half of 0, low half of 1
+    assert spt.shadow[0] == pte(dma_pfn(vgpu, 0x640)) and spt.shadow[1] == 0
+
+
+def test_invalidating_a_pd_skips_its_direct_2m_mappings(gvt) -> None:
+    """§6.8 code reading: ppgtt_invalidate_spt does not unmap a direct 2 MiB entry
+    (a guest write that removes the PDE itself does, through ppgtt_invalidate_pte)."""
+    vm, vgpu = gvt(huge_ranges=[(0x800, 0xC00)])
+    pdps0 = chain(vm, leaves={})
+    poke(vm, (PD << 12) + 8, pte(0x800) | PS)
+    poke(vm, (PD << 12) + 16, pte(0xA00) | PS)
+    vgpu.get_ppgtt_mm([pdps0])
+    guest_write64(vm, (PD << 12) + 16, 0)
+    assert vgpu.dma.lookup(0xA00) is None  # removed by the write: unmapped
+    guest_write64(vm, PDP << 12, 0)  # the PD goes: its 2M entry is skipped
+    assert intel_vgpu_find_spt_by_gfn(vgpu, PD) is None
+    assert vgpu.dma.lookup(0x800).ref == 1  # leaked
