@@ -10,6 +10,7 @@ functions of :mod:`.shadow`, :mod:`.mm` and :mod:`.kvmgt` expect it held.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -161,7 +162,8 @@ class Vgpu:
     """One vGPU on one VM (``intel_gvt_create_vgpu``: scratch tree, GGTT, caches)."""
 
     def __init__(self, vm: Any, gvt: GvtDevice, options: GvtOptions) -> None:
-        self.vm = vm
+        # A weak reference: the plugin's WeakKeyDictionary maps the VM to this vGPU.
+        self._vm = weakref.ref(vm)
         self.gvt = gvt
         self.options = options
         self.id = gvt.add_vgpu(self)
@@ -190,6 +192,14 @@ class Vgpu:
         self.reports: list[InvariantReport] = []
         create_scratch_page_tree(self)
         intel_vgpu_reset_ggtt(self, False)
+
+    @property
+    def vm(self) -> Any:
+        """The VM (``vgpu->vfio_device.kvm``)."""
+        vm = self._vm()
+        if vm is None:
+            raise GvtError("ESRCH", "the VM of this vGPU is gone")
+        return vm
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"

@@ -79,3 +79,17 @@ def test_track_write_waits_for_vgpu_lock(gvt) -> None:
     t.join(5)
     assert done.is_set() and vgpu.stats.handled_writes == 1
     assert vgpu.dma.lookup(0x601) is not None
+
+
+def test_an_attached_vgpu_does_not_keep_its_vm_alive() -> None:
+    import gc
+    import weakref
+
+    from pagetrack.plugins.gvt_shadow_gtt import attach_vgpu
+
+    vm = VM(load_entry_points=False)
+    vgpu = attach_vgpu(vm)
+    ref = weakref.ref(vm)
+    del vm
+    gc.collect()
+    assert ref() is None and vgpu.attached  # never closed, but collectable
