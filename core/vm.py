@@ -79,6 +79,7 @@ class VM:
             self.audit = AuditLog(Path(audit) if audit is not None else None, self.id, audit_level)
         self.tdp = tdp
         self.mmu_lock = threading.RLock()
+        self.slots_lock = threading.RLock()
         self.host = HostMemory()
         self.memslots = MemSlots(self.host)
         self.write_track = WriteTrack(self.memslots, self.audit, tdp_enabled=tdp, flush=self.flush_remote_tlbs)
@@ -154,7 +155,9 @@ class VM:
         metadata (counters zero), FLAGS_ONLY shares the old.  A DELETE calls
         ``track_remove_region`` at commit.
         """
-        with self.mmu_lock:
+        # slots_lock serialises memslot updates (kvm->slots_lock); mmu_lock is taken
+        # only around MMU work, so trackers are notified without it, as in KVM.
+        with self.slots_lock:
             req = self.memslots.check(slot, flags, guest_phys_addr, memory_size, userspace_addr)
             if req is None:
                 return 0
@@ -165,7 +168,8 @@ class VM:
                 if self.audit.enabled:
                     self.audit.emit("track_flush_slot", slot=old.key, base_gfn=old.base_gfn, npages=old.npages)
                 self.hooks.track_flush_slot(self, old)
-                self.mmu.zap_all_fast()
+                with self.mmu_lock:
+                    self.mmu.zap_all_fast()
                 if change is Change.MOVE and self.plugins.has_external_tracker():
                     raise KvmError("EINVAL", "cannot move a memslot while an external write tracker is attached")
             new: MemSlot | None = None
@@ -178,7 +182,8 @@ class VM:
                     self.write_track.create_slot_metadata(new)
                 if old is not None and old.logging and new.logging:
                     new.dirty_bitmap = old.dirty_bitmap
-            self.memslots.install(old, new)
+            with self.mmu_lock:
+                self.memslots.install(old, new)
             # ---- commit (kvm_arch_commit_memory_region) ----
             if change is Change.DELETE:
                 assert old is not None
@@ -202,10 +207,11 @@ class VM:
                 old.dirty_bitmap = None
             if (change is Change.FLAGS_ONLY and new is not None and old is not None
                     and new.logging != old.logging and not new.readonly):
-                if new.logging:
-                    self.apply_dirty_logging(new)
-                else:
-                    self.stop_dirty_logging(new)
+                with self.mmu_lock:
+                    if new.logging:
+                        self.apply_dirty_logging(new)
+                    else:
+                        self.stop_dirty_logging(new)
             self.hooks.memslot_commit(self, change.value, old, new)
             return 0
 

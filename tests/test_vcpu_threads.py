@@ -110,3 +110,52 @@ def test_unregister_while_vcpus_run_case_28() -> None:
 
 def test_data_gfn_constant_matches_base() -> None:
     assert DATA_BASE >> 12 == DATA_GFN
+
+
+class LockingTracker:
+    """Like KVMGT: one lock taken in track_write (which then uses the track API,
+    taking mmu_lock) and in track_remove_region."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+        self.lock = threading.Lock()
+        self.calls = 0
+
+    @hookimpl
+    def track_write(self, gpa: int, new: bytes) -> None:
+        with self.lock:
+            self.calls += 1
+            self.vm.write_track_add_gfn(gpa >> 12)
+            self.vm.write_track_remove_gfn(gpa >> 12)
+
+    @hookimpl
+    def track_remove_region(self, gfn: int, nr_pages: int) -> None:
+        with self.lock:
+            pass
+
+
+def test_slot_delete_while_a_tracker_works_does_not_deadlock() -> None:
+    """Trackers are notified without mmu_lock held (kvm_page_track_delete_slot runs
+    under slots_lock only), so a tracker lock taken on both paths cannot deadlock."""
+    vm, vcpus, bases = _vm_with_vcpus(1)
+    tracker = LockingTracker(vm)
+    vm.register_tracker(tracker, "locking")
+    for p in range(16):
+        vm.write_track_add_gfn((bases[0] >> 12) + p)
+    spare = vm.add_memory(0x8000_0000, 1 << 20)
+    thread = threading.Thread(target=vcpus[0].run)
+    thread.start()
+    while tracker.calls < 50:
+        time.sleep(0.001)
+    done = threading.Event()
+
+    def delete() -> None:
+        vm.set_user_memory_region(spare.key, 0, spare.base_gfn << 12, 0, spare.userspace_addr)
+        done.set()
+
+    deleter = threading.Thread(target=delete, daemon=True)
+    deleter.start()
+    assert done.wait(30), "memslot delete deadlocked against the tracker"
+    thread.join(60)
+    assert not thread.is_alive()
+    vm.close()
