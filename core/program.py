@@ -42,10 +42,13 @@ __all__ = [
     "PT_BASE",
     "ROUND_PORT",
     "STACK_TOP",
+    "TOUR_TRACKED",
     "PageTableLayout",
     "Program",
     "assemble",
     "build_page_tables",
+    "builtin_defines",
+    "builtin_names",
     "builtin_program",
     "load_program",
     "parse_defines",
@@ -262,7 +265,7 @@ def _resolve_constants(lines: list[str], symbols: dict[str, int], defines: dict[
 def _substitute(line: str, symbols: Mapping[str, int]) -> str:
     """Replace constant names by their values (comments left alone)."""
     code, hash_, comment = line.partition("#")
-    code = _NAME.sub(lambda m: str(symbols[m.group(0)]) if m.group(0) in symbols else m.group(0), code)
+    code = _NAME.sub(lambda m: hex(symbols[m.group(0)]) if m.group(0) in symbols else m.group(0), code)
     return code + hash_ + comment
 
 
@@ -326,10 +329,41 @@ def load_program(path: str | Path, defines: Mapping[str, int] | None = None,
     return Program(code, str(p), data_size)
 
 
+#: Data page (index in the data slot) the tour's external tracker watches, with the next one.
+TOUR_TRACKED = 0x10
+
+
+def builtin_defines(name: str, data_size: int = DEFAULT_DATA_SIZE) -> dict[str, int]:
+    """Symbols a built-in program takes from its VM's layout (``-D`` overrides them).
+
+    ``tour`` edits its own page tables, so it needs their addresses:
+    ``PTE_DATA`` (the PTE that maps ``DATA_BASE``), ``PD_ADDR`` (the page
+    directory of the first GiB), ``PDE_OFF`` (the offset of the PDE that maps
+    ``DATA_BASE``) and ``TRACKED_OFF`` (the externally tracked data page).
+    Other programs need none.
+    """
+    if name != "tour":
+        return {}
+    layout = build_page_tables(data_size, lambda gpa, value: None)
+    return {
+        "PTE_DATA": layout.pt_page_of(DATA_BASE) + 8 * ((DATA_BASE >> 12) & 511),
+        "PD_ADDR": layout.pages[2],
+        "PDE_OFF": 8 * ((DATA_BASE >> 21) & 511),
+        "TRACKED_OFF": TOUR_TRACKED << 12,
+    }
+
+
+def builtin_names() -> list[str]:
+    """The names of the programs packaged in ``pagetrack.programs`` (``tour``, ``gvt_driver`` ...)."""
+    root = resources.files("pagetrack.programs")
+    return sorted(p.name[:-2] for p in root.iterdir() if p.name.endswith(".s"))
+
+
 def builtin_program(name: str, defines: Mapping[str, int] | None = None,
                     data_size: int = DEFAULT_DATA_SIZE) -> Program:
-    """Assemble a program packaged in ``pagetrack.programs``."""
+    """Assemble a program packaged in ``pagetrack.programs``, with its :func:`builtin_defines`."""
     ref = resources.files("pagetrack.programs").joinpath(f"{name}.s")
-    if not ref.is_file():
-        raise InputError(f"no built-in program {name!r}")
-    return assemble(ref.read_text(), f"pagetrack:{name}", defines, data_size)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or not ref.is_file():
+        raise InputError(f"no built-in program {name!r} (built-in: {', '.join(builtin_names())})")
+    symbols = {**builtin_defines(name, data_size), **(defines or {})}
+    return assemble(ref.read_text(), f"pagetrack:{name}", symbols, data_size)
