@@ -115,6 +115,11 @@ class AuditLog:
         """True once :meth:`close` ran (always true for a disabled log)."""
         return self._closed
 
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next event will carry (= events written so far)."""
+        return self._seq
+
     def emit(self, event: str, level: str = "info", **fields: object) -> None:
         """Append one event; bytes values are written as hex.  Thread-safe."""
         rank = _RANK.get(level)
