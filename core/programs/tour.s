@@ -1,8 +1,9 @@
 # The built-in tour: a 64-bit guest that writes data, then edits its own page tables.
-# Symbols supplied by the tour: PTE_DATA (gpa of the PTE that maps DATA_BASE),
-# PD_ADDR (gpa of the page directory that maps the first GiB), PDE_DATA (index of
-# the PDE that maps DATA_BASE, times 8), TRACKED_OFF (offset of the data page
-# write-tracked by an external tracker).
+# Symbols supplied by builtin_program("tour") from the VM's page-table layout
+# (pagetrack.program.builtin_defines): PTE_DATA (gpa of the PTE that maps
+# DATA_BASE), PD_ADDR (gpa of the page directory that maps the first GiB), PDE_OFF
+# (index of the PDE that maps DATA_BASE, times 8), TRACKED_OFF (offset of the data
+# page write-tracked by an external tracker; -D overrides it).
 
     mov rbx, DATA_BASE
 
@@ -17,6 +18,7 @@
     mov rax, qword ptr [rbx]
     out LOG_PORT, eax                       # 1: the old mapping
     mov rdi, PTE_DATA
+    mov r8, qword ptr [rdi]                 # kept, to put back at the end
     mov rax, qword ptr [rdi + 8*3]
     mov qword ptr [rdi], rax                # last-level table: KVM lets it go unsync
     invlpg byte ptr [rbx]                   # ... and re-syncs it here
@@ -39,4 +41,9 @@
     # ---- round 4: stores to a page an external tracker watches ----
     mov qword ptr [rbx + TRACKED_OFF + 0x10], 0x55
     mov qword ptr [rbx + TRACKED_OFF + 0xffc], rbx   # straddles two tracked pages
+
+    # ---- put data page 0's mapping back: the tour runs more guests on this VM ----
+    mov rdi, PTE_DATA
+    mov qword ptr [rdi], r8
+    invlpg byte ptr [rbx]
     hlt
