@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import click
 
-from . import cli_audit, cli_compare, cli_migrate, cli_plugins, cli_run
+from . import cli_audit, cli_compare, cli_migrate, cli_new_plugin, cli_plugins, cli_run
 from .cli_common import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, OneLineGroup, fail, guarded
 
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "fail", "guarded", "main"]
@@ -26,3 +26,4 @@ main.add_command(cli_plugins.plugins)
 main.add_command(cli_audit.audit)
 main.add_command(cli_compare.compare)
 main.add_command(cli_migrate.migrate)
+main.add_command(cli_new_plugin.new_plugin)
