@@ -1,4 +1,4 @@
-"""``pagetrack run``: the tour, programs, the real-KVM backend, and bad input."""
+"""``pagetrack run``: the tour, programs, the real-KVM backend (bad input: test_cli_bad_input.py)."""
 
 from __future__ import annotations
 
@@ -26,26 +26,6 @@ def test_tour_runs_and_its_audit_log_verifies(tmp_path: Path) -> None:
     assert result["io"] == [1, 4, 4, 2]
     assert result["tour"]["audit_ok"]
     assert invoke("audit", str(log)).exit_code == 0
-
-
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        (["run", "missing.s"], "no such file"),
-        (["run", "--mem-mib", "100000", "x.s"], "--mem-mib"),
-        (["run", "--bogus"], "No such option"),
-        (["run", str(PROGRAMS / "a_pages.s"), "--track", "zz"], "--track"),
-        (["run", str(PROGRAMS / "a_pages.s"), "-D", "N"], "NAME=VALUE"),
-        (["run", "-D", "N=1"], "tour takes none"),
-        (["run", str(PROGRAMS / "a_pages.s"), "--backend", "kvm", "--dirty-log", "pml"], "simulator-only"),
-        (["run", str(PROGRAMS / "a_pages.s"), "--backend", "kvm", "--track", "0x400"], "need the simulator"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str) -> None:
-    r = invoke(*args)
-    assert r.exit_code == 2
-    lines = r.output.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0]
 
 
 def test_a_guest_that_stops_on_an_error_exits_2(tmp_path: Path) -> None:
