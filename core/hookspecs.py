@@ -41,7 +41,8 @@ def track_write(vm: Any, vcpu: Any, gpa: int, new: bytes) -> None:
     It is called for every write that the instruction emulator commits to guest
     RAM, whether or not the gfn is write-tracked (each tracker filters for
     itself, as in the kernel); plain guest stores that did not fault never reach
-    it.  A failed ``cmpxchg`` is not notified.
+    it.  A ``cmpxchg`` whose compare fails is notified too: ``em_cmpxchg``
+    writes the value it read back (a write cycle with the same bytes).
 
     :param vm: the :class:`pagetrack.VM`.
     :param vcpu: the :class:`pagetrack.Vcpu` whose instruction wrote.

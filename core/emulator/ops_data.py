@@ -2,11 +2,11 @@
 LEA, XCHG, XADD, CMPXCHG/CMPXCHG8B/CMPXCHG16B, BSWAP, CBW..CQO, PUSH/POP/LEAVE,
 PUSHF/POPF, LAHF/SAHF, CMOVcc, SETcc.
 
-CMPXCHG models both callers of the same instruction: native execution performs
-the locked write-back cycle of a failed compare (so a write-protected page
-faults as on hardware), KVM's ``emulator_cmpxchg_emulated`` returns
-``X86EMUL_CMPXCHG_FAILED`` without writing (``mem.emulating``) and so without a
-page-track notification.
+CMPXCHG performs the locked write-back cycle of a failed compare in both of
+its callers: native execution (so a write-protected page faults as on
+hardware) and KVM's emulator, whose ``em_cmpxchg`` writes the value it read
+back through ``emulator_cmpxchg_emulated`` (so the page is dirtied and trackers
+are notified; see ``_EmulatorMemory.cmpxchg`` in :mod:`pagetrack.vcpu`).
 """
 
 from __future__ import annotations
