@@ -15,7 +15,22 @@ from .cli_common import EXIT_BAD_INPUT, EXIT_FINDING, EXIT_OK, OneLineGroup, fai
 __all__ = ["EXIT_BAD_INPUT", "EXIT_FINDING", "EXIT_OK", "fail", "guarded", "main"]
 
 
-@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
+_EPILOG = """
+\b
+Examples:
+  pagetrack run                          # the built-in tour: every tracker on one VM
+  pagetrack run examples/scenarios/shadow-pt-edits.toml
+  pagetrack new-plugin my_tracker        # a tracker package to start from
+  pagetrack COMMAND --help               # options and examples of each command
+
+\b
+Exit codes: 0 success; 1 a finding (a difference, a failed audit);
+2 bad input or a missing prerequisite (one line on stderr).
+Documentation: docs/getting-started.md, docs/cli.md.
+"""
+
+
+@click.group(cls=OneLineGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_EPILOG)
 @click.version_option(package_name="pagetrack", prog_name="pagetrack")
 def main() -> None:
     """pagetrack: KVM's x86 write tracking, simulated, with trackers as plugins."""

@@ -21,11 +21,23 @@ from .cli_common import EXIT_FINDING, guarded
 __all__ = ["audit"]
 
 
-@click.command("audit")
+_EXAMPLE = """
+\b
+Examples:
+  pagetrack run --audit-log tour.jsonl && pagetrack audit tour.jsonl
+  pagetrack audit run.jsonl --json
+"""
+
+
+@click.command("audit", epilog=_EXAMPLE)
 @click.argument("log", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 def _command(log: Path, as_json: bool) -> None:
-    """Prove the audit log LOG complete and untampered and replay its invariants."""
+    """Prove the audit log LOG complete and untampered and replay its invariants.
+
+    Exit 0 when the hash chain is intact and every invariant holds, 1 when a
+    problem was found, 2 when LOG is missing or not an audit log.
+    """
     _audit(log, as_json)
 
 

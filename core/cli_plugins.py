@@ -39,10 +39,22 @@ def _record(info: PluginInfo) -> dict[str, Any]:
     }
 
 
-@click.command("plugins")
+_EXAMPLE = """
+\b
+Examples:
+  pagetrack plugins
+  pagetrack plugins --json | jq '.[] | select(.status == "failed")'
+"""
+
+
+@click.command("plugins", epilog=_EXAMPLE)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON array instead of a table.")
 def plugins(as_json: bool) -> None:
-    """List installed plugins (entry points of group 'pagetrack') and whether they load."""
+    """List installed plugins (entry points of group 'pagetrack') and whether they load.
+
+    A plugin that fails to load is listed with its error; the exit status is
+    still 0.
+    """
     from .cli import guarded  # late: cli imports this module while it is being set up
 
     guarded(_show)(as_json)
