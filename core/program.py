@@ -24,6 +24,7 @@ from typing import Any
 import attrs
 
 from .errors import InputError
+from .mmu.paging import PTE_A, PTE_D, PTE_P, PTE_PS, PTE_RW, PTE_US
 
 __all__ = [
     "CODE_BASE",
@@ -69,12 +70,6 @@ PT_LIMIT = 0x80000  # page tables must stay below this (the real-KVM monitor liv
 #: one PD, one table for the low slot, and one table per 2 MiB of data.
 MAX_DATA_SIZE = ((PT_LIMIT - PT_BASE) // PAGE_SIZE - 4) << 21
 
-PTE_P = 1 << 0
-PTE_RW = 1 << 1
-PTE_US = 1 << 2
-PTE_A = 1 << 5
-PTE_D = 1 << 6
-PTE_PS = 1 << 7
 
 _UPPER = PTE_P | PTE_RW | PTE_US | PTE_A
 _LOW_LEAF = _UPPER | PTE_D

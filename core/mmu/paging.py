@@ -31,6 +31,12 @@ __all__ = [
     "PFERR_RSVD",
     "PFERR_USER",
     "PFERR_WRITE",
+    "PTE_A",
+    "PTE_D",
+    "PTE_P",
+    "PTE_PS",
+    "PTE_RW",
+    "PTE_US",
     "GuestWalk",
     "PagingMode",
     "walk_addr",
@@ -47,7 +53,14 @@ PFERR_GUEST_PAGE = 1 << 33
 ACC_WRITE = 1 << 1
 ACC_USER = 1 << 2
 
-_P, _RW, _US, _A, _D, _PS = 1, 2, 4, 0x20, 0x40, 0x80
+#: Guest page-table entry bits (the same in 4- and 8-byte entries).
+PTE_P = 1 << 0
+PTE_RW = 1 << 1
+PTE_US = 1 << 2
+PTE_A = 1 << 5
+PTE_D = 1 << 6
+PTE_PS = 1 << 7
+_P, _RW, _US, _A, _D, _PS = PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS
 
 
 class PagingMode(Enum):
