@@ -53,6 +53,8 @@ _CR0_PE, _CR0_WP, _CR0_PG = 1, 1 << 16, 1 << 31
 _CR4_PAE = 1 << 5
 _EFER_LME, _EFER_LMA = 1 << 8, 1 << 10
 _FAULT_LOOP_LIMIT = 16
+_FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
+_PAGE_TABLE_WRITERS = frozenset(getattr(iced_x86.Mnemonic, m.upper()) for m in PAGE_TABLE_WRITING_MNEMONICS)
 
 
 class _DirtyRingRequest(Exception):
@@ -399,11 +401,15 @@ class Vcpu:
         raise RuntimeError(f"access to {addr:#x} keeps faulting")
 
     # ---- emulation (x86_emulate_instruction) --------------------------------------
+    def _decode_at(self, rip: int) -> iced_x86.Instruction:
+        return iced_x86.Decoder(64, self.emulator_memory.fetch(rip, 15), ip=rip).decode()
+
     def _mnemonic(self, rip: int) -> str:
-        code = self.emulator_memory.fetch(rip, 15)
-        instr = iced_x86.Decoder(64, code, ip=rip).decode()
-        formatter = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
-        return formatter.format_mnemonic(instr).split()[-1]
+        return _FORMATTER.format_mnemonic(self._decode_at(rip)).split()[-1]
+
+    def _writes_page_tables(self, rip: int) -> bool:
+        """``x86_page_table_writing_insn``: the emulator's ``PageTable`` instructions."""
+        return self._decode_at(rip).mnemonic in _PAGE_TABLE_WRITERS
 
     def emulate(self, fault: NeedEmulation) -> object | None:
         """``x86_emulate_instruction`` for ``EMULTYPE_PF``: run the instruction in the emulator.
@@ -417,7 +423,7 @@ class Vcpu:
         rip = cpu.rip
         if self.allow_retry_pf:
             self.allow_retry_pf = False
-            if self._mnemonic(rip) not in PAGE_TABLE_WRITING_MNEMONICS:
+            if not self._writes_page_tables(rip):
                 with vm.mmu_lock:
                     if vm.mmu.unprotect_gfn_and_retry(self, fault.addr, False):
                         return None
