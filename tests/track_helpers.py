@@ -24,11 +24,11 @@ from pagetrack.program import (
     DATA_BASE,
     DATA_GFN,
     LOW_SIZE,
-    STACK_TOP,
     PageTableLayout,
     assemble,
     build_page_tables,
 )
+from pagetrack.runner import reset_vcpu
 
 __all__ = [
     "CODE_BASE",
@@ -117,12 +117,7 @@ class Guest:
         self.program = assemble(source, defines=defines, data_size=data_size)
         vm.write_guest(CODE_BASE, self.program.code)
         self.vcpu = vm.create_vcpu()
-        cpu = self.vcpu.cpu
-        cpu.rip = CODE_BASE
-        cpu.regs[4] = STACK_TOP
-        cpu.regs[7] = DATA_BASE
-        cpu.regs[6] = data_size
-        self.vcpu.set_cr3(self.layout.cr3)
+        reset_vcpu(self.vcpu, self.layout, data_size)
         self.io: list[tuple[int, int]] = []
 
     @staticmethod

@@ -17,10 +17,10 @@ from pagetrack.program import (
     DATA_GFN,
     LOW_SIZE,
     ROUND_PORT,
-    STACK_TOP,
     assemble,
     build_page_tables,
 )
+from pagetrack.runner import reset_vcpu
 
 __all__ = ["DATA_GFN", "LoggedGuest", "Tracker", "make_vm", "programs_dir", "spte", "tdp_counts"]
 
@@ -87,12 +87,7 @@ class LoggedGuest:
         self.program = assemble(source, defines=defines, data_size=data_size)
         self._poke(CODE_BASE, self.program.code)
         self.vcpu = vm.create_vcpu()
-        cpu = self.vcpu.cpu
-        cpu.rip = CODE_BASE
-        cpu.regs[4] = STACK_TOP
-        cpu.regs[7] = DATA_BASE
-        cpu.regs[6] = data_size
-        self.vcpu.set_cr3(self.layout.cr3)
+        reset_vcpu(self.vcpu, self.layout, data_size)
         self.logger = logger_of(vm)
         self.exits: list[str] = []
 
