@@ -9,7 +9,8 @@ commit flags and RIP (a LOCK prefix changes nothing: one thread runs).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import iced_x86
 
@@ -133,18 +134,42 @@ def _count(b: Builder, i: int, size: int) -> tuple[str, int | None]:
     return "c", None
 
 
+def _counted(b: Builder, i: int) -> tuple[int, str, int | None, str] | None:
+    """Read the destination and the count of a shift or rotate.
+
+    Returns ``(size, count expression, constant count or None, destination)``;
+    ``None`` when the count is the constant 0, after emitting the whole
+    instruction (the operand is still written back, nothing else changes).
+    """
+    size = b.size(0)
+    c, const = _count(b, i, size)
+    a = b.let("a", b.read(0))
+    if const == 0:
+        b.write(0, a)
+        b.next_rip()
+        return None
+    return size, c, const, a
+
+
+@contextmanager
+def _if_counted(b: Builder, const: int | None) -> Iterator[None]:
+    """Emit the flag update only for a non-zero count (a CL count of 0 leaves the flags)."""
+    if const is None:
+        with b.block("if c:"):
+            yield
+    else:
+        yield
+
+
 def _shift(kind: str) -> Handler:
     """SHL/SAL, SHR, SAR: a count of 0 leaves the flags alone (operand still written)."""
 
     def handler(b: Builder) -> None:
-        size = b.size(0)
-        m = mask(size)
-        c, const = _count(b, 1, size)
-        a = b.let("a", b.read(0))
-        if const == 0:
-            b.write(0, a)
-            b.next_rip()
+        counted = _counted(b, 1)
+        if counted is None:
             return
+        size, c, const, a = counted
+        m = mask(size)
         if kind == "shl":
             b.emit(f"r = ({a} << {c}) & {m}")
             base = K_SHL
@@ -156,10 +181,7 @@ def _shift(kind: str) -> Handler:
             b.emit(f"r = ((({a} ^ {sg}) - {sg}) >> {c}) & {m}")
             base = K_SAR
         b.write(0, "r")
-        if const is None:
-            with b.block("if c:"):
-                b.lazy(base, size, "r", a, c)
-        else:
+        with _if_counted(b, const):
             b.lazy(base, size, "r", a, c)
         b.next_rip()
 
@@ -170,15 +192,12 @@ def _rotate(kind: str) -> Handler:
     """ROL ROR RCL RCR: only CF and OF change (OF defined for a count of 1)."""
 
     def handler(b: Builder) -> None:
-        size = b.size(0)
+        counted = _counted(b, 1)
+        if counted is None:
+            return
+        size, c, const, a = counted
         n = 8 * size
         m = mask(size)
-        c, const = _count(b, 1, size)
-        a = b.let("a", b.read(0))
-        if const == 0:
-            b.write(0, a)
-            b.next_rip()
-            return
         through = kind in ("rcl", "rcr")
         modulo = n + 1 if through else n
         if size <= 2 or through:
@@ -202,10 +221,7 @@ def _rotate(kind: str) -> Handler:
             flags = f"(v >> {n}) | (((({a} ^ r) >> {n - 1}) & 1) << 11)"
         b.write(0, "r")
         update = f"cpu.lf = ({b.k(K_FLAGS)}, (flags_of(cpu.lf) & 0xfffff7fe) | {flags}, 0, 0)"
-        if const is None:
-            with b.block("if c:"):
-                b.emit(update)
-        else:
+        with _if_counted(b, const):
             b.emit(update)
         b.next_rip()
 
@@ -216,26 +232,20 @@ def _double_shift(left: bool) -> Handler:
     """SHLD/SHRD r/m, reg, imm8/CL (16-bit counts above 16 give QEMU's undefined result)."""
 
     def handler(b: Builder) -> None:
-        size = b.size(0)
+        counted = _counted(b, 2)
+        if counted is None:
+            return
+        size, c, const, a = counted
         n = 8 * size
         m = mask(size)
-        c, const = _count(b, 2, size)
-        a = b.let("a", b.read(0))
         s = b.let("s", b.read(1))
-        if const == 0:
-            b.write(0, a)
-            b.next_rip()
-            return
         if left:
             b.emit(f"r = ((({a} << {2 * n}) | ({s} << {n}) | {a}) << {c} >> {2 * n}) & {m}")
         else:
             b.emit(f"r = ((({a} << {2 * n}) | ({s} << {n}) | {a}) >> {c}) & {m}")
         b.write(0, "r")
         base = K_SHL if left else K_SHR
-        if const is None:
-            with b.block("if c:"):
-                b.lazy(base, size, "r", a, c)
-        else:
+        with _if_counted(b, const):
             b.lazy(base, size, "r", a, c)
         b.next_rip()
 
