@@ -346,6 +346,10 @@ def cmpxchg_hit(size: int, dst: str, hit: float = 0.5) -> Setup:
     m = (1 << (8 * size)) - 1
 
     def setup(regs: list[int], data: bytearray, rnd: random.Random) -> None:
+        if size == 4:
+            # QEMU rewrites EAX even on success (the SDM and hardware leave RAX alone);
+            # a chance hit must not expose that either, so RAX's upper half is always 0.
+            regs[RAX] &= 0xFFFFFFFF
         if rnd.random() >= hit:
             return
         if dst == "mem":
@@ -353,8 +357,6 @@ def cmpxchg_hit(size: int, dst: str, hit: float = 0.5) -> Setup:
         else:
             value = regs[RDX] & m
         regs[RAX] = (regs[RAX] & ~m) | value
-        if size == 4:
-            regs[RAX] &= 0xFFFFFFFF  # QEMU rewrites EAX on success; keep both sides equal
 
     return setup
 
